@@ -1,0 +1,3 @@
+from sdft.adapters.lora import LoRAMethod
+
+__all__ = ["LoRAMethod"]

@@ -1,0 +1,97 @@
+"""`python train.py ...`: validate the inputs, build each part from the config, fit, export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from sdft.module import AdapterFineTuner, check_checkpoint
+
+log = logging.getLogger(__name__)
+RUN_ARTIFACTS = ("checkpoints", "pytorch_lora_weights.safetensors", "split.json", "csv", "previews")
+
+
+def build(node: DictConfig, **kwargs):
+    """`hydra.utils.instantiate`, but a bad value's own error (which names the key) comes
+    out as itself rather than wrapped in Hydra's InstantiationException."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, OSError)):
+            raise e.__cause__ from None
+        raise
+
+
+def check_fresh_output_dir(out: Path) -> None:
+    taken = [name for name in RUN_ARTIFACTS if (out / name).exists()]
+    if taken:
+        raise FileExistsError(
+            f"output directory {out} already holds a run ({', '.join(taken)}); "
+            "refusing to overwrite it: pick another hydra.run.dir"
+        )
+
+
+def find_latest_checkpoint(runs_dir: Path) -> Path:
+    ckpts = sorted(runs_dir.glob("*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not ckpts:
+        raise FileNotFoundError(f"resume=true but no checkpoint under {runs_dir}/*/checkpoints/")
+    return ckpts[-1]
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    if cfg.resume and cfg.ckpt_path is None:
+        return str(find_latest_checkpoint(Path(cfg.paths.output_root) / cfg.task_name))
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such file")
+    return cfg.ckpt_path
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train an adapter as `cfg` says; return the run's output paths and final metrics."""
+    out = Path(cfg.paths.output_dir)
+    check_fresh_output_dir(out)
+    ckpt_path = resolve_ckpt_path(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    # cheap checks first: the data is validated before any model is loaded
+    datamodule: L.LightningDataModule = build(cfg.data)
+    datamodule.setup("fit")
+    method = build(cfg.method)
+
+    log.info("loading base model %s", cfg.model.get("pretrained", cfg.model.get("arch")))
+    pipeline = build(cfg.model)
+    module = AdapterFineTuner(
+        pipeline=pipeline,
+        method=method,
+        optimizer=build(cfg.optim),
+        lr_scheduler=build(cfg.lr_scheduler),
+        seed=cfg.seed,
+    )
+    if ckpt_path:
+        meta = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("sdft")
+        check_checkpoint(meta, module.identity, ckpt_path)
+
+    callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c]
+    loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg]
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        datamodule.save_split(out)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    files = module.save_adapter(out) if trainer.is_global_zero else []
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        print(f"\nsdft: outputs in {out}")
+        for f in files:
+            print(f"  adapter      {f} ({f.stat().st_size / 1e6:.2f} MB)")
+        print(f"  checkpoints  {out / 'checkpoints'}")
+    return {"output_dir": out, "adapter_files": files, "metrics": metrics}

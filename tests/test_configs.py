@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from sdft.models.pipeline import ARCHS
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = {
+    p.name: sorted(f.stem for f in p.glob("*.yaml"))
+    for p in (ROOT / "conf").iterdir()
+    if p.is_dir()
+}
+
+
+def test_scribble_experiment_is_the_papers_recipe(make_cfg):
+    cfg = make_cfg("+experiment=scribble", fast=False)
+    assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert cfg.method.rank == 4 and list(cfg.method.target_modules) == [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+    ]
+    assert cfg.method.init == "gaussian"
+    assert cfg.optim.lr == 1e-4 and cfg.optim._target_ == "torch.optim.AdamW"
+    assert "cosine" in cfg.lr_scheduler._target_
+    assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 32
+    assert cfg.trainer.max_steps == 4410  # 140,000 samples / 32
+    assert cfg.data.resolution == 512 and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.callbacks.checkpoint.every_n_train_steps == 500
+    assert (cfg.data.num_categories, cfg.data.per_category) == (100, 20)
+    assert cfg.task_name == "scribble"
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g, opts in GROUPS.items() for o in opts if g not in ("experiment",)],
+)
+def test_every_config_option_composes_and_names_a_target(make_cfg, group, option):
+    cfg = make_cfg(f"{group}={option}")
+    node = OmegaConf.to_container(cfg[group], resolve=True)
+    targets = [node] if "_target_" in node or group == "paths" else list(node.values())
+    for t in targets:
+        if group != "paths":
+            assert "_target_" in t, f"conf/{group}/{option}.yaml instantiates nothing"
+
+
+@pytest.mark.parametrize(
+    "group", ["data", "method", "optim", "lr_scheduler", "trainer", "callbacks", "logger"]
+)
+def test_every_cheap_config_option_instantiates(make_cfg, group):
+    for option in GROUPS[group]:
+        on_cpu = [] if torch.cuda.is_available() else ["trainer.accelerator=cpu"]
+        cfg = make_cfg(f"{group}={option}", *on_cpu)
+        node = cfg[group]
+        objs = [node] if "_target_" in node else list(node.values())
+        for o in objs:
+            assert hydra.utils.instantiate(o) is not None
+
+
+def test_random_model_options_build_a_known_arch(make_cfg):
+    for option in ("tiny", "sd15_arch"):
+        assert make_cfg(f"model={option}").model.arch in ARCHS
+
+
+def test_unknown_config_key_is_rejected_by_name(make_cfg):
+    with pytest.raises(ConfigCompositionException, match="no_such_key"):
+        make_cfg("data.no_such_key=1")
+    with pytest.raises(ConfigCompositionException, match="nope"):
+        make_cfg("method=nope")
