@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 
 class CheckpointMismatchError(ValueError):
@@ -101,13 +102,18 @@ class AdapterFineTuner(L.LightningModule):
 
     def diffusion_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
         """Noise-prediction MSE of one batch; `g` draws the latents' sample, noise and t."""
-        pixels = batch["pixel_values"]  # (B, 3, H, W) in [-1, 1]
         with torch.no_grad():
-            dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-            latents = (
-                dist.sample(generator=g).float() * self.vae.config.scaling_factor
-            )  # (B, 4, h, w)
-        text = self.encode_prompt(batch["caption"])
+            if "latent_params" in batch:  # cached VAE output: mean and log-variance (B, 8, h, w)
+                dist = DiagonalGaussianDistribution(batch["latent_params"].float())
+            else:
+                pixels = batch["pixel_values"]  # (B, 3, H, W) in [-1, 1]
+                dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+            latents = dist.sample(generator=g).float() * self.vae.config.scaling_factor
+            # latents: (B, 4, h, w)
+        if "encoder_hidden_states" in batch:  # cached text-encoder output (B, 77, D)
+            text = batch["encoder_hidden_states"]
+        else:
+            text = self.encode_prompt(batch["caption"])
         # forward diffusion: pick t, add noise
         noise = torch.randn(latents.shape, generator=g, device=self.device)
         if self.noise_offset:
