@@ -1,3 +1,15 @@
+from sdft.adapters.dreambooth_lora import DreamBoothLoRAMethod
+from sdft.adapters.locon import LoConMethod
+from sdft.adapters.loha import LoHaMethod
+from sdft.adapters.lokr import LoKrMethod
 from sdft.adapters.lora import LoRAMethod
+from sdft.adapters.textual_inversion import TextualInversionMethod
 
-__all__ = ["LoRAMethod"]
+__all__ = [
+    "DreamBoothLoRAMethod",
+    "LoConMethod",
+    "LoHaMethod",
+    "LoKrMethod",
+    "LoRAMethod",
+    "TextualInversionMethod",
+]

@@ -1,13 +1,14 @@
-"""LoRA on the UNet's attention projections, through peft.
+"""LoRA on the UNet's attention projections (optionally conv layers, and the text encoder),
+through peft.
 
 Update rule: h = W0 x + (alpha / r) * B A x, with A (r x in) and B (out x r); B starts at
 zero so training starts from the base model exactly; A is Gaussian (as the paper and the
-diffusers example) or Kaiming-uniform (peft's default).
+diffusers example) or Kaiming-uniform (peft's default). With `conv_rank` set this is LoCon
+(see locon.py): conv layers get a k x k conv down (A) and a 1 x 1 conv up (B).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -16,16 +17,16 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from sdft.adapters.base import PeftMethod
 from sdft.adapters.files import atomic_output
 
-ATTENTION_LAYERS = {"all": "attn1|attn2", "cross": "attn2", "self": "attn1"}
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention
 
 
-class LoRAMethod:
+class LoRAMethod(PeftMethod):
     """LoRA adapters on `target_modules` of the chosen attention layers of the UNet."""
 
     name = "lora"
-    adapter_name = "default"
 
     def __init__(
         self,
@@ -36,62 +37,93 @@ class LoRAMethod:
         attention: str = "all",
         target_regex: str | None = None,
         init: str = "gaussian",
+        conv_rank: int | None = None,
+        conv_alpha: float | None = None,
+        train_text_encoder: bool = False,
+        init_weights: str | None = None,
+        save_dtype: str = "float32",
+        output_name: str = "lora",
     ):
-        if not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"method.rank={rank!r} must be a positive integer")
-        if attention not in ATTENTION_LAYERS:
-            raise ValueError(
-                f"method.attention={attention!r} must be one of {list(ATTENTION_LAYERS)}"
-            )
+        super().__init__(
+            rank=rank,
+            alpha=alpha,
+            target_modules=target_modules,
+            attention=attention,
+            target_regex=target_regex,
+            conv_rank=conv_rank,
+            conv_alpha=conv_alpha,
+            init_weights=init_weights,
+            save_dtype=save_dtype,
+            output_name=output_name,
+        )
         if init not in ("gaussian", "kaiming"):
             raise ValueError(f"method.init={init!r} must be 'gaussian' or 'kaiming'")
-        self.rank = rank
-        self.alpha = float(alpha if alpha is not None else rank)
-        self.dropout = dropout
-        self.init = init
-        names = "|".join(re.escape(m) for m in target_modules)
-        self.target_regex = target_regex or rf".*\.({ATTENTION_LAYERS[attention]})\.({names})"
+        self.dropout, self.init, self.train_text_encoder = dropout, init, train_text_encoder
 
-    def lora_config(self) -> LoraConfig:
+    def lora_config(self, target_modules: str | list[str] | None = None) -> LoraConfig:
+        rank_pattern, alpha_pattern = self.rank_patterns() if target_modules is None else ({}, {})
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             init_lora_weights="gaussian" if self.init == "gaussian" else True,
-            target_modules=self.target_regex,
+            target_modules=target_modules or self.target_regex,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
         )
 
-    def describe(self) -> dict:
-        """What a checkpoint must match to be resumed with this method."""
-        return {
-            "name": self.name,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "target_regex": self.target_regex,
-        }
+    def peft_config(self) -> LoraConfig:
+        return self.lora_config()
 
-    def apply(self, pipe: StableDiffusionPipeline) -> None:
-        """Add the adapter layers; afterwards exactly the LoRA weights require grad."""
-        matched = [n for n, _ in pipe.unet.named_modules() if re.fullmatch(self.target_regex, n)]
-        if not matched:
-            raise ValueError(f"method.target_regex={self.target_regex!r} matches no UNet layer")
+    def text_encoder_config(self) -> LoraConfig:
+        return self.lora_config(TEXT_ENCODER_TARGETS)
+
+    def describe(self) -> dict:
+        return super().describe() | ({"text_encoder": True} if self.train_text_encoder else {})
+
+    def trained_components(self, pipe: StableDiffusionPipeline) -> dict:
+        te = {"text_encoder": pipe.text_encoder} if self.train_text_encoder else {}
+        return {"unet": pipe.unet, **te}
+
+    def add_adapters(self, pipe: StableDiffusionPipeline) -> None:
         pipe.unet.add_adapter(self.lora_config(), adapter_name=self.adapter_name)
-        for n, p in pipe.unet.named_parameters():
-            p.requires_grad_("lora_" in n)
+        if self.train_text_encoder:
+            pipe.text_encoder.add_adapter(
+                self.text_encoder_config(), adapter_name=self.adapter_name
+            )
+
+    def network_args(self) -> dict:
+        return super().network_args() | (
+            {"train_text_encoder": True} if self.train_text_encoder else {}
+        )
+
+    def diffusers_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The adapter weights in diffusers/PEFT naming (what `load_lora_weights` reads)."""
+        sd = get_peft_model_state_dict(model, adapter_name=self.adapter_name)
+        sd = {k: v.detach().to("cpu", self.save_torch_dtype) for k, v in sd.items()}
+        return convert_state_dict_to_diffusers(sd)
 
     def unet_state_dict(self, pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
-        """The adapter weights in diffusers/PEFT naming (what `load_lora_weights` reads)."""
-        sd = get_peft_model_state_dict(pipe.unet, adapter_name=self.adapter_name)
-        return convert_state_dict_to_diffusers({k: v.detach().float().cpu() for k, v in sd.items()})
+        return self.diffusers_state_dict(pipe.unet)
 
-    def save(self, pipe: StableDiffusionPipeline, out_dir: str | Path) -> list[Path]:
-        """Write `pytorch_lora_weights.safetensors` (diffusers format) atomically."""
+    def save(
+        self, pipe: StableDiffusionPipeline, out_dir: str | Path, metadata: dict | None = None
+    ) -> list[Path]:
+        """Write `pytorch_lora_weights.safetensors` (diffusers format) and
+        `<output_name>.safetensors` (kohya/A1111 format), each atomically."""
         name = "pytorch_lora_weights.safetensors"
+        te = {}
+        if self.train_text_encoder:
+            te = {
+                "text_encoder_lora_layers": self.diffusers_state_dict(pipe.text_encoder),
+                "text_encoder_lora_adapter_metadata": self.text_encoder_config().to_dict(),
+            }
         with atomic_output(Path(out_dir) / name) as tmp_dir:
             StableDiffusionPipeline.save_lora_weights(
                 tmp_dir,
                 unet_lora_layers=self.unet_state_dict(pipe),
                 weight_name=name,
                 unet_lora_adapter_metadata=self.lora_config().to_dict(),
+                **te,
             )
-        return [Path(out_dir) / name]
+        return [Path(out_dir) / name, *super().save(pipe, out_dir, metadata)]

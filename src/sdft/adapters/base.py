@@ -1,0 +1,140 @@
+"""What the peft-based methods (LoRA, LoCon, LoHa, LoKr, DreamBooth-LoRA) share: which UNet
+layers get adapters, making exactly those trainable, starting from a file, and writing the
+kohya/LyCORIS file (plus, for LoRA-type methods, the diffusers one).
+
+A method is any object with `name`, `describe()` (what a resumed checkpoint must match),
+`apply(pipe)` (add the trainable layers) and `save(pipe, out_dir, metadata) -> [paths]`.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+from peft import PeftConfig
+
+from sdft.adapters import export
+from sdft.adapters.layers import adapter_layers
+from sdft.adapters.load import init_from_file
+
+ATTENTION_LAYERS = {"all": "attn1|attn2", "cross": "attn2", "self": "attn1"}
+# kohya / LyCORIS "conv" layers: the ResNet blocks' convolutions and the down/up samplers.
+# 3x3 kernels take the conv rank; the 1x1 conv_shortcut takes the linear rank, as in kohya.
+CONV_LAYERS = r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut)|(downsamplers|upsamplers)\.0\.conv)"
+CONV_3X3 = r"resnets\.\d+\.(conv1|conv2)|(downsamplers|upsamplers)\.0\.conv"
+ADAPTER_PARAMS = ("lora_", "hada_", "lokr_")
+
+
+def check_rank(key: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"method.{key}={value!r} must be a positive integer")
+
+
+class PeftMethod(ABC):
+    """Adapters from a peft config on the UNet's attention (and optionally conv) layers."""
+
+    name: str  # the method's config name: lora, locon, ...
+    adapter_name = "default"
+    network_module = "networks.lora"  # kohya's ss_network_module
+
+    def __init__(
+        self,
+        rank: int = 4,
+        alpha: float | None = None,
+        target_modules: list[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        attention: str = "all",
+        target_regex: str | None = None,
+        conv_rank: int | None = None,
+        conv_alpha: float | None = None,
+        init_weights: str | None = None,
+        save_dtype: str = "float32",
+        output_name: str = "adapter",
+    ):
+        check_rank("rank", rank)
+        if conv_rank is not None:
+            check_rank("conv_rank", conv_rank)
+        if attention not in ATTENTION_LAYERS:
+            raise ValueError(
+                f"method.attention={attention!r} must be one of {list(ATTENTION_LAYERS)}"
+            )
+        self.save_torch_dtype = export.check_save_dtype(save_dtype)
+        if init_weights is not None and not Path(init_weights).expanduser().is_file():
+            raise FileNotFoundError(f"method.init_weights={init_weights!r}: no such file")
+        self.rank = rank
+        self.alpha = float(alpha if alpha is not None else rank)
+        self.conv_rank = conv_rank
+        self.conv_alpha = float(conv_alpha if conv_alpha is not None else conv_rank or 1)
+        self.init_weights, self.save_dtype, self.output_name = init_weights, save_dtype, output_name
+        names = "|".join(re.escape(m) for m in target_modules)
+        attn = rf".*\.({ATTENTION_LAYERS[attention]})\.({names})"
+        self.target_regex = target_regex or (
+            attn if conv_rank is None else f"(?:{attn})|(?:{CONV_LAYERS})"
+        )
+
+    # -- what subclasses define ----------------------------------------------------------
+    @abstractmethod
+    def peft_config(self) -> PeftConfig:
+        """The peft LoraConfig / LoHaConfig / LoKrConfig of the UNet's adapter."""
+
+    def rank_patterns(self) -> tuple[dict, dict]:
+        """peft rank_pattern / alpha_pattern: the conv rank for 3x3 convolutions."""
+        if self.conv_rank is None:
+            return {}, {}
+        return {CONV_3X3: self.conv_rank}, {CONV_3X3: self.conv_alpha}
+
+    def network_args(self) -> dict:
+        """kohya's ss_network_args."""
+        if self.conv_rank is None:
+            return {}
+        return {"conv_dim": self.conv_rank, "conv_alpha": self.conv_alpha}
+
+    # -- the method interface --------------------------------------------------------------
+    def describe(self) -> dict:
+        """What a checkpoint must match to be resumed with this method."""
+        out = {"name": self.name, "rank": self.rank, "alpha": self.alpha}
+        if self.conv_rank is not None:
+            out |= {"conv_rank": self.conv_rank, "conv_alpha": self.conv_alpha}
+        return out | {"target_regex": self.target_regex}
+
+    def trained_components(self, pipe: StableDiffusionPipeline) -> dict:
+        return {"unet": pipe.unet}
+
+    def add_adapters(self, pipe: StableDiffusionPipeline) -> None:
+        pipe.unet.add_adapter(self.peft_config(), adapter_name=self.adapter_name)
+
+    def apply(self, pipe: StableDiffusionPipeline) -> None:
+        """Add the adapter layers (from `init_weights` if given); afterwards exactly the
+        adapter weights require grad."""
+        matched = [n for n, _ in pipe.unet.named_modules() if re.fullmatch(self.target_regex, n)]
+        if not matched:
+            raise ValueError(f"method.target_regex={self.target_regex!r} matches no UNet layer")
+        self.add_adapters(pipe)
+        for model in self.trained_components(pipe).values():
+            for n, p in model.named_parameters():
+                p.requires_grad_(any(marker in n for marker in ADAPTER_PARAMS))
+        if self.init_weights:
+            init_from_file(pipe, self.init_weights, self.trained_components(pipe), self.name)
+
+    def kohya_network(self) -> dict:
+        return {
+            "network_module": self.network_module,
+            "network_dim": self.rank,
+            "network_alpha": self.alpha,
+            "network_args": self.network_args(),
+            "output_name": self.output_name,
+        }
+
+    def save(
+        self, pipe: StableDiffusionPipeline, out_dir: str | Path, metadata: dict | None = None
+    ) -> list[Path]:
+        """Write the kohya/LyCORIS file `<output_name>.safetensors` (with `ss_*` metadata)."""
+        layers = {
+            c: adapter_layers(m, self.adapter_name)
+            for c, m in self.trained_components(pipe).items()
+        }
+        tensors = export.kohya_state_dict(layers, self.save_torch_dtype)
+        meta = export.kohya_metadata(pipe, self.kohya_network(), metadata)
+        path = Path(out_dir) / f"{self.output_name}.safetensors"
+        return [export.save_kohya(tensors, path, meta)]

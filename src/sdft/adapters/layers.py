@@ -1,0 +1,140 @@
+"""One adapted layer as kohya / A1111 / LyCORIS files store it, and the update it makes.
+
+Every reader of these files (A1111, ComfyUI, LyCORIS, diffusers) applies
+W' = W + weight * scale * dW, with scale = alpha / rank and
+  LoRA  dW = lora_up @ lora_down                 (conv: k x k down (r, in, k, k), 1 x 1 up)
+  LoHa  dW = (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)     (elementwise product;
+        with hada_t1/t2, each product is a CP (Tucker) reconstruction over the kernel)
+  LoKr  dW = kron(w1, w2), w1 = lokr_w1 or lokr_w1_a @ lokr_w1_b, same for w2 (or a CP
+        reconstruction from lokr_t2). The rank is that of a decomposed factor; with both
+        factors full there is no rank and the scale is 1 (alpha is ignored).
+A file without alpha (diffusers/PEFT convention) has scale 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+FACTORS = {
+    "lora": ("lora_down", "lora_up"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+}
+# peft's parameter names for the same factors (LyCORIS names are peft's, except LoRA's)
+PEFT_NAMES = {"lora_down": "lora_A", "lora_up": "lora_B"}
+
+
+def kind_of(suffix: str) -> str | None:
+    """'lora', 'loha' or 'lokr' for a factor name, None for anything else."""
+    return next((k for k, names in FACTORS.items() if suffix in names), None)
+
+
+def _cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    # CP/Tucker rebuild as LyCORIS: core (r, r, k, k), wa (r, out), wb (r, in) -> (out, in, k, k)
+    return torch.einsum("i j k l, i p, j r -> p r k l", t, wa, wb)
+
+
+@dataclass
+class LayerWeights:
+    """The factors of one layer under their LyCORIS names, and its alpha (None: none stored)."""
+
+    kind: str  # lora | loha | lokr
+    tensors: dict[str, torch.Tensor]
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int | None:
+        t = self.tensors
+        if self.kind == "lora":
+            return t["lora_down"].shape[0]
+        if self.kind == "loha":
+            return t["hada_w1_b"].shape[0]
+        # A1111 and LyCORIS read the rank from w2's factors if decomposed, else from w1's
+        for name in ("lokr_w2_b", "lokr_w1_b"):
+            if name in t:
+                return t[name].shape[0]
+        return None
+
+    @property
+    def scale(self) -> float:
+        rank = self.rank
+        return 1.0 if self.alpha is None or rank is None else self.alpha / rank
+
+    def delta(self) -> torch.Tensor:
+        """scale * dW in its natural shape: the layer's weight shape, or (out, in * k * k)
+        for factors that store a conv kernel flattened (LyCORIS without Tucker)."""
+        t = {k: v.float() for k, v in self.tensors.items()}
+        if self.kind == "lora":
+            down, up = t["lora_down"], t["lora_up"]
+            dw = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+        elif self.kind == "loha":
+            if "hada_t1" in t:
+                dw = _cp(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"]) * _cp(
+                    t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"]
+                )
+            else:
+                dw = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+        else:
+            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+            if "lokr_w2" in t:
+                w2 = t["lokr_w2"]
+            elif "lokr_t2" in t:
+                w2 = _cp(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+            else:
+                w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+            if w2.dim() == 4:
+                w1 = w1[:, :, None, None]
+            dw = torch.kron(w1.contiguous(), w2.contiguous())  # kron views its inputs
+        return dw * self.scale
+
+    def check_fits(self, weight_shape: torch.Size) -> str | None:
+        """None if this update fits a layer of weight `weight_shape`, else what is wrong."""
+        meta = LayerWeights(self.kind, {k: v.to("meta") for k, v in self.tensors.items()})
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.tensors.items())
+        try:
+            natural = tuple(meta.delta().shape)
+        except RuntimeError:
+            return f"its factors do not combine ({shapes})"
+        flat = (weight_shape[0], math.prod(weight_shape[1:]))
+        if natural == tuple(weight_shape) or (len(natural) == 2 and natural == flat):
+            return None
+        return (
+            f"its factors ({shapes}) make a {natural} update for a weight of {tuple(weight_shape)}"
+        )
+
+    def delta_for(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.delta().reshape(weight.shape)
+
+
+def peft_layer_weights(layer: BaseTunerLayer, adapter: str) -> LayerWeights:
+    """A trained peft LoRA / LoHa / LoKr layer's factors under LyCORIS names, with the alpha
+    that makes a reader's alpha / rank equal to the layer's scaling."""
+    kind = {"lora_A": "lora", "hada_w1_a": "loha", "lokr_w1": "lokr"}[layer.adapter_layer_names[0]]
+    tensors = {}
+    for name in FACTORS[kind]:
+        store = getattr(layer, PEFT_NAMES.get(name, name))
+        if adapter in store:
+            value = store[adapter]
+            tensors[name] = (value.weight if isinstance(value, torch.nn.Module) else value).detach()
+    weights = LayerWeights(kind, tensors)
+    scaling = float(layer.scaling[adapter])
+    if weights.rank is None:  # full LoKr factors: readers apply no scale, so bake it into w1
+        tensors["lokr_w1"] = tensors["lokr_w1"] * scaling
+        weights.alpha = float(layer.r[adapter])
+    else:
+        weights.alpha = scaling * weights.rank
+    return weights
+
+
+def adapter_layers(model: torch.nn.Module, adapter: str) -> dict[str, LayerWeights]:
+    """Module path -> factors of every peft layer of `model` that holds `adapter`."""
+    return {
+        name: peft_layer_weights(module, adapter)
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer)
+        and any(adapter in getattr(module, n) for n in module.adapter_layer_names)
+    }

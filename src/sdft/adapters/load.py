@@ -1,0 +1,293 @@
+"""Reading adapter files made anywhere (sdft, kohya sd-scripts, LyCORIS, A1111, diffusers):
+check that one fits a pipeline, load it for generation, merge it into the base weights
+(W' = W + scale * dW), or start training from it.
+
+Formats, told apart by their keys:
+  kohya / A1111 / LyCORIS  `lora_unet_<path with _>.lora_down.weight`, `.hada_w1_a`, `.lokr_w1`,
+                           `.alpha`; text encoder `lora_te_...` (`lora_te1_` read the same)
+  diffusers / PEFT         `unet.<path>.lora_A.weight` / `.lora.down.weight` (older), alpha in
+                           the `lora_adapter_metadata` header (else scale 1)
+  embedding                one (n, D) tensor, or kohya/A1111 `emb_params`
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from peft import LoHaConfig, LoKrConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from sdft.adapters.layers import PEFT_NAMES, LayerWeights, kind_of, peft_layer_weights
+
+COMPONENTS = ("unet", "text_encoder")
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+SHOW = 3  # mismatches named in an error message
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter file that does not fit the pipeline (other architecture, wrong ranks)."""
+
+
+@dataclass
+class AdapterFile:
+    """An adapter file read into layers keyed by (component, module path)."""
+
+    path: Path
+    format: str  # kohya | diffusers | embedding
+    layers: dict[tuple[str, str], LayerWeights] = field(default_factory=dict)
+    keys: dict[tuple[str, str], str] = field(default_factory=dict)  # the file's layer names
+    unknown: list[str] = field(default_factory=list)  # layer names no module of the pipe has
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kinds(self) -> set[str]:
+        return {lw.kind for lw in self.layers.values()}
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path}: not a safetensors file ({e}). sdft reads .safetensors only "
+            "(pickled .pt/.ckpt/.bin files can run code when loaded)"
+        ) from None
+
+
+def module_paths(model: nn.Module) -> set[str]:
+    """Paths of the Linear/Conv2d layers of `model`, as if no peft layers were injected."""
+    out = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv2d) and not any(
+            part.startswith(("lora_", "hada_", "lokr_")) for part in name.split(".")
+        ):
+            out.add(name.replace(".base_layer", ""))
+    return out
+
+
+def base_module(pipe: StableDiffusionPipeline, component: str, path: str) -> nn.Module | None:
+    try:
+        module = getattr(pipe, component).get_submodule(path)
+    except AttributeError:
+        return None
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def is_embedding(tensors: dict[str, torch.Tensor]) -> bool:
+    """A textual-inversion file: kohya/A1111 `emb_params`, or one (n, D) tensor."""
+    if "emb_params" in tensors:
+        return True
+    return (
+        len(tensors) == 1
+        and next(iter(tensors.values())).dim() <= 2
+        and not any(re.search(r"lora|hada|lokr", k) for k in tensors)
+    )
+
+
+def _read_kohya(adapter: AdapterFile, tensors: dict, pipe: StableDiffusionPipeline) -> None:
+    index = {
+        prefix + path.replace(".", "_"): (component, path)
+        for prefix, component in KOHYA_PREFIXES.items()
+        for path in module_paths(getattr(pipe, component))
+    }
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, _, suffix = key.partition(".")
+        grouped.setdefault(name, {})[suffix.removesuffix(".weight")] = t
+    for name, parts in grouped.items():
+        alpha = parts.pop("alpha", None)
+        kinds = {kind_of(s) for s in parts}
+        if None in kinds or len(kinds) != 1:
+            odd = [s for s in parts if kind_of(s) is None] or sorted(parts)
+            raise ValueError(f"{adapter.path}: layer {name} has unsupported keys {odd}")
+        if name not in index:
+            adapter.unknown.append(name)
+            continue
+        lw = LayerWeights(kinds.pop(), parts, None if alpha is None else float(alpha))
+        adapter.layers[index[name]] = lw
+        adapter.keys[index[name]] = name
+
+
+def _read_diffusers(adapter: AdapterFile, tensors: dict) -> None:
+    config = json.loads(adapter.metadata.get("lora_adapter_metadata", "{}"))
+    for component in COMPONENTS:
+        sd = {
+            k[len(component) + 1 :]: v for k, v in tensors.items() if k.startswith(component + ".")
+        }
+        if not sd:
+            continue
+        if component == "unet":  # older diffusers names (`.lora.down`, `to_q_lora`) -> PEFT's
+            sd = convert_unet_state_dict_to_peft(sd)
+        elif not all(re.search(r"\.(lora_A|lora_B|alpha)\b", k) for k in sd):
+            sd = convert_state_dict_to_peft(sd)
+        cfg = {
+            k[len(component) + 1 :]: v for k, v in config.items() if k.startswith(component + ".")
+        }
+        alphas = {k.removesuffix(".alpha"): float(v) for k, v in sd.items() if k.endswith(".alpha")}
+        by_path: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in sd.items():
+            m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight|(.+)\.(\w+)", key)
+            path, factor = (m[1], m[2]) if m[1] else (m[3], m[4])
+            if factor == "alpha":
+                continue
+            factor = {"lora_A": "lora_down", "lora_B": "lora_up"}.get(factor, factor)
+            if kind_of(factor) is None:
+                raise ValueError(f"{adapter.path}: unsupported key {component}.{key}")
+            by_path.setdefault(path, {})[factor] = t
+        for path, parts in by_path.items():
+            alpha = alphas.get(path)
+            if alpha is None and "lora_alpha" in cfg:
+                pattern = get_pattern_key(list(cfg.get("alpha_pattern") or {}), path)
+                alpha = float((cfg.get("alpha_pattern") or {}).get(pattern, cfg["lora_alpha"]))
+            adapter.layers[(component, path)] = LayerWeights(
+                kind_of(next(iter(parts))), parts, alpha
+            )
+            adapter.keys[(component, path)] = f"{component}.{path}"
+
+
+def read_adapter(path: str | Path, pipe: StableDiffusionPipeline) -> AdapterFile:
+    """Read an adapter file of any supported format, naming its layers after `pipe`'s."""
+    tensors, metadata = read_safetensors(path)
+    adapter = AdapterFile(Path(path).expanduser(), "embedding", metadata=metadata)
+    if is_embedding(tensors):
+        return adapter
+    if all(k.startswith(tuple(KOHYA_PREFIXES)) for k in tensors):
+        adapter.format = "kohya"
+        _read_kohya(adapter, tensors, pipe)
+    elif all(k.startswith(tuple(f"{c}." for c in COMPONENTS)) for k in tensors):
+        adapter.format = "diffusers"
+        _read_diffusers(adapter, tensors)
+    else:
+        odd = [k for k in tensors if not k.startswith(("lora_", "unet.", "text_encoder."))]
+        raise AdapterMismatchError(
+            f"{adapter.path}: not an SD1.x/2.x adapter file: keys such as {odd[:SHOW]} are neither "
+            "kohya/LyCORIS (lora_unet_..., lora_te_...) nor diffusers (unet..., text_encoder...)"
+        )
+    return adapter
+
+
+def check_fits(adapter: AdapterFile, pipe: StableDiffusionPipeline) -> None:
+    """Raise AdapterMismatchError naming the first layers that `pipe` lacks or whose weight
+    shape the file's factors do not make (another architecture, a rank that does not fit)."""
+    problems = [f"{name}: no layer of this model has that name" for name in adapter.unknown]
+    for (component, path), lw in adapter.layers.items():
+        module = base_module(pipe, component, path)
+        problem = "no such layer" if module is None else lw.check_fits(module.weight.shape)
+        if problem:
+            problems.append(f"{adapter.keys[(component, path)]}: {problem}")
+    if problems:
+        total = len(adapter.layers) + len(adapter.unknown)
+        raise AdapterMismatchError(
+            f"{adapter.path} does not fit base model {pipe.name_or_path!r} "
+            f"({len(problems)} of {total} layers; a file for another architecture such as "
+            f"SDXL?): " + "; ".join(problems[:SHOW]) + (" ..." if len(problems) > SHOW else "")
+        )
+
+
+def read_checked(path: str | Path, pipe: StableDiffusionPipeline) -> AdapterFile:
+    adapter = read_adapter(path, pipe)
+    if adapter.format != "embedding":
+        check_fits(adapter, pipe)
+    return adapter
+
+
+@torch.no_grad()
+def merge_adapter(pipe: StableDiffusionPipeline, path: str | Path, scale: float = 1.0) -> None:
+    """W' = W + scale * dW for every layer of the adapter file, in place."""
+    adapter = read_checked(path, pipe)
+    if adapter.format == "embedding":
+        raise ValueError(f"{path}: a textual-inversion embedding has no weights to merge")
+    for (component, module_path), lw in adapter.layers.items():
+        weight = base_module(pipe, component, module_path).weight
+        weight += (scale * lw.delta_for(weight)).to(weight.dtype)
+
+
+def adapter_name_for(path: str | Path) -> str:
+    """A peft adapter name from a file name (peft names may not hold dots)."""
+    return re.sub(r"[^0-9A-Za-z_-]", "_", Path(path).stem)
+
+
+def inject_lycoris(pipe: StableDiffusionPipeline, adapter: AdapterFile, name: str) -> None:
+    """Add a LoHa/LoKr file's layers as peft adapter `name` (so `set_adapters` weighs it):
+    peft builds the layers, then each takes the file's factors, whatever their structure."""
+    (kind,) = adapter.kinds
+    config_cls = {"loha": LoHaConfig, "lokr": LoKrConfig}[kind]
+    for component in sorted({c for c, _ in adapter.layers}):
+        model = getattr(pipe, component)
+        paths = sorted(p for c, p in adapter.layers if c == component)
+        model.add_adapter(config_cls(r=1, alpha=1, target_modules=paths), adapter_name=name)
+        for path in paths:
+            layer, lw = model.get_submodule(path), adapter.layers[(component, path)]
+            ref = layer.get_base_layer().weight
+            for store in map(layer.__getattr__, layer.adapter_layer_names):
+                if name in store:  # drop what peft made; the file says which factors exist
+                    del store[name]
+            for factor, t in lw.tensors.items():
+                param = nn.Parameter(t.to(ref.device, ref.dtype), requires_grad=False)
+                getattr(layer, factor)[name] = param
+            layer.r[name], layer.alpha[name], layer.scaling[name] = 1, lw.scale, lw.scale
+
+
+def load_adapter(pipe: StableDiffusionPipeline, path: str | Path, name: str) -> None:
+    """Load an adapter file as peft adapter `name` (diffusers' loader for LoRA/LoCon in
+    either format, peft LoHa/LoKr layers for LyCORIS files), after checking it fits."""
+    adapter = read_checked(path, pipe)
+    if adapter.format == "embedding":
+        raise ValueError(f"{path} is a textual-inversion embedding: list it under embeddings")
+    if adapter.kinds == {"lora"}:
+        pipe.load_lora_weights(str(adapter.path), adapter_name=name)
+    elif len(adapter.kinds) == 1:
+        inject_lycoris(pipe, adapter, name)
+    else:
+        raise ValueError(f"{path} mixes {sorted(adapter.kinds)} layers; merge it instead")
+
+
+@torch.no_grad()
+def init_from_file(
+    pipe: StableDiffusionPipeline, path: str | Path, models: dict[str, nn.Module], method: str
+) -> None:
+    """Start the method's adapter ("default") from a file's factors, rescaled so that each
+    layer's update equals the file's; layers the file lacks keep their initialisation."""
+    adapter = read_checked(path, pipe)
+    problems = []
+    for key, lw in adapter.layers.items():
+        component, module_path = key
+        layer = models[component].get_submodule(module_path) if component in models else None
+        if not isinstance(layer, BaseTunerLayer):
+            problems.append(f"{adapter.keys[key]}: method={method} trains no such layer")
+            continue
+        ours = peft_layer_weights(layer, "default")
+        mine = {k: tuple(v.shape) for k, v in ours.tensors.items()}
+        theirs = {k: tuple(v.shape) for k, v in lw.tensors.items()}
+        if ours.kind != lw.kind or mine != theirs:
+            problems.append(
+                f"{adapter.keys[key]}: the file has {lw.kind} {theirs}, "
+                f"method={method} makes {ours.kind} {mine}"
+            )
+            continue
+        for factor, t in lw.tensors.items():
+            store = getattr(layer, PEFT_NAMES.get(factor, factor))["default"]
+            (store.weight if isinstance(store, nn.Module) else store).copy_(t)
+        first = next(iter(lw.tensors))  # the update is linear in each factor: rescale one
+        store = getattr(layer, PEFT_NAMES.get(first, first))["default"]
+        (store.weight if isinstance(store, nn.Module) else store).mul_(
+            lw.scale / layer.scaling["default"]
+        )
+    if problems:
+        raise AdapterMismatchError(
+            f"method.init_weights={str(path)!r} does not fit method={method} "
+            f"({len(problems)} layers): " + "; ".join(problems[:SHOW])
+        )
