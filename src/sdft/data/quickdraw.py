@@ -1,6 +1,7 @@
 """QuickDraw scribbles (Google Creative Lab, CC BY 4.0) as captioned training images.
 
-Reads the dataset's two public formats from one folder (searched recursively):
+Reads the dataset's two public formats from one folder (searched recursively; a folder may
+mix both, a category's .npy winning over its .ndjson):
   <category>.npy     numpy bitmaps, (N, 784) uint8, white strokes on black, 28x28
   <category>.ndjson  simplified strokes, one JSON drawing a line, coordinates in 0..255
 The paper's recipe (Guo & Cao): 100 random categories split 70/30 into trained and
@@ -11,22 +12,22 @@ on white, random flip, normalise to [-1, 1], caption "a scribble of {category}".
 from __future__ import annotations
 
 import json
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from sdft.data.sampler import SeededEpochSampler
+from sdft.data.base import CachingDataModule
+from sdft.data.checks import BadSampleError, BadSamples, check_on_bad_sample
+from sdft.data.strokes import BITMAP_SIDE, BITMAP_STROKE, check_strokes, render_strokes
 
-log = logging.getLogger(__name__)
-BITMAP_SIDE = 28
+__all__ = ["BadSampleError", "Drawing", "QuickDrawDataModule", "QuickDrawDataset"]
+RENDER_VERSION = 2  # part of the cache key: bump when the pixels of a drawing change
+RENDERS = ("bitmap", "strokes")
 
 
 @dataclass
@@ -35,39 +36,6 @@ class Drawing:
     source: Path
     index: int  # row of the .npy file, or line number (1-based) of the .ndjson file
     key: str  # the dataset's key_id for ndjson, "<file>:<row>" for bitmaps
-
-
-class BadSampleError(ValueError):
-    """Raised before training when input data is malformed (names file and line)."""
-
-
-def render_strokes(strokes: list, size: int, stroke_width: float) -> np.ndarray:
-    """Rasterise simplified strokes (0..255 box) into a size x size uint8 image, white on
-    black like the bitmap files; drawn 4x larger and downsampled for anti-aliasing."""
-    ss = 4
-    canvas = Image.new("L", (size * ss, size * ss), 0)
-    draw = ImageDraw.Draw(canvas)
-    scale = (size * ss - 1) / 255.0
-    width = max(1, round(stroke_width * ss))
-    for xs, ys, *_ in strokes:
-        pts = [(x * scale, y * scale) for x, y in zip(xs, ys, strict=True)]
-        if len(pts) == 1:
-            pts = pts * 2
-        draw.line(pts, fill=255, width=width, joint="curve")
-        r = width / 2
-        for x, y in (pts[0], pts[-1]):
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
-    return np.asarray(canvas.resize((size, size), Image.Resampling.BOX))
-
-
-def _check_strokes(obj: object) -> list:
-    strokes = obj.get("drawing") if isinstance(obj, dict) else None
-    if not isinstance(strokes, list) or not strokes:
-        raise ValueError("no 'drawing' list of strokes")
-    for s in strokes:
-        if not (isinstance(s, list) and len(s) >= 2 and len(s[0]) == len(s[1]) and s[0]):
-            raise ValueError("a stroke is not [[x...], [y...]] of equal, non-zero length")
-    return strokes
 
 
 class QuickDrawDataset(Dataset):
@@ -79,7 +47,7 @@ class QuickDrawDataset(Dataset):
         resolution: int,
         caption_template: str,
         render: str = "bitmap",
-        stroke_width: float = 3.0,
+        stroke_width: float = 4.0,
     ):
         self.drawings = drawings
         self.resolution = resolution
@@ -92,8 +60,15 @@ class QuickDrawDataset(Dataset):
     def __len__(self) -> int:
         return len(self.drawings)
 
-    def caption(self, i: int) -> str:
+    def caption(self, key: tuple | int) -> str:
+        i = key[0] if isinstance(key, tuple) else key
         return self.caption_template.format(category=self.drawings[i].category)
+
+    def all_captions(self) -> list[str]:
+        return sorted({self.caption(i) for i in range(len(self))})
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return self.resolution, self.resolution
 
     def grey(self, i: int) -> np.ndarray:
         """The raw drawing, white on black uint8: 28x28, or R x R when rendering strokes."""
@@ -105,22 +80,22 @@ class QuickDrawDataset(Dataset):
         if d.source not in self._lines:
             self._lines[d.source] = d.source.read_text(encoding="utf-8").splitlines()
         strokes = json.loads(self._lines[d.source][d.index - 1])["drawing"]
-        size = self.resolution if self.render == "strokes" else BITMAP_SIDE
-        width = self.stroke_width if self.render == "strokes" else 1.5
-        return render_strokes(strokes, size, width)
+        if self.render == "strokes":
+            return render_strokes(strokes, self.resolution, self.stroke_width)
+        return render_strokes(strokes, BITMAP_SIDE, BITMAP_STROKE)
 
-    def __getitem__(self, key: tuple[int, bool] | int) -> dict:
-        i, flip = key if isinstance(key, tuple) else (key, False)
+    def __getitem__(self, key: tuple | int) -> dict:
+        i, flip = key[:2] if isinstance(key, tuple) else (key, False)
         x = torch.from_numpy(self.grey(i).copy()).float().div(255)[None, None]  # (1, 1, h, w)
         if x.shape[-1] != self.resolution:
             x = F.interpolate(x, size=self.resolution, mode="bicubic", antialias=True)
         x = (1.0 - x.clamp(0, 1))[0].expand(3, -1, -1)  # invert: black strokes on white, RGB
         if flip:
             x = x.flip(-1)
-        return {"pixel_values": (x - 0.5) / 0.5, "caption": self.caption(i)}
+        return {"pixel_values": (x - 0.5) / 0.5, "caption": self.caption(i)}  # (3, R, R)
 
 
-class QuickDrawDataModule(L.LightningDataModule):
+class QuickDrawDataModule(CachingDataModule):
     """The paper's QuickDraw recipe; every number is an argument (see conf/data/quickdraw.yaml)."""
 
     def __init__(
@@ -132,7 +107,7 @@ class QuickDrawDataModule(L.LightningDataModule):
         categories: list[str] | None = None,
         formats: list[str] = ("npy", "ndjson"),
         render: str = "bitmap",
-        stroke_width: float = 3.0,
+        stroke_width: float = 4.0,
         resolution: int = 512,
         flip: bool = True,
         caption_template: str = "a scribble of {category}",
@@ -140,16 +115,18 @@ class QuickDrawDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         on_bad_sample: str = "error",
+        cache: bool = False,
+        cache_dir: str = "~/.cache/sdft",
     ):
         super().__init__()
-        if render not in ("bitmap", "strokes"):
+        if render not in RENDERS:
             raise ValueError(f"data.render={render!r} must be 'bitmap' (28x28) or 'strokes'")
-        if on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_sample={on_bad_sample!r} must be 'error' or 'skip'")
+        check_on_bad_sample(on_bad_sample)
         self.save_hyperparameters(logger=False)
         self.path = Path(path).expanduser()
         self.split: dict | None = None
         self.dataset: QuickDrawDataset | None = None
+        self.held_out: list[Drawing] = []
         self.skipped = 0
 
     # -- discovery -------------------------------------------------------------------
@@ -169,14 +146,21 @@ class QuickDrawDataModule(L.LightningDataModule):
         return files
 
     def _count(self, f: Path) -> int:
+        """Drawings in a category file; a file that is wrong as a whole stops the run."""
         if f.suffix == ".npy":
-            arr = np.load(f, mmap_mode="r")
+            try:
+                arr = np.load(f, mmap_mode="r")
+            except (ValueError, OSError) as e:
+                raise BadSampleError(f"{f}: not a readable .npy bitmap file ({e})") from None
             if arr.ndim != 2 or arr.shape[1] != BITMAP_SIDE**2 or arr.dtype != np.uint8:
                 raise BadSampleError(
                     f"{f}: expected a (N, 784) uint8 bitmap array, got {arr.shape} {arr.dtype}"
                 )
             return arr.shape[0]
-        return sum(1 for line in f.open(encoding="utf-8") if line.strip())
+        try:
+            return sum(1 for line in f.open(encoding="utf-8") if line.strip())
+        except UnicodeDecodeError as e:
+            raise BadSampleError(f"{f}: not a UTF-8 ndjson file ({e})") from None
 
     def choose_categories(self, files: dict[str, Path]) -> tuple[list[str], list[str]]:
         hp = self.hparams
@@ -201,64 +185,75 @@ class QuickDrawDataModule(L.LightningDataModule):
         n_trained = round(hp.num_categories * (1 - hp.held_out_fraction))
         return chosen[:n_trained], chosen[n_trained:]
 
-    def _ndjson_drawings(self, category: str, f: Path, rows: list[int]) -> list[Drawing]:
+    def _pick(self, category: str, f: Path, rng: random.Random, bad: BadSamples) -> list[Drawing]:
+        """`per_category` drawings of a category, each checked; bad ones go to `bad`."""
+        n = self._count(f)
+        if self.hparams.per_category > n:
+            raise ValueError(
+                f"data.per_category={self.hparams.per_category} but category {category!r} has "
+                f"only {n} drawings ({f})"
+            )
+        rows = sorted(rng.sample(range(n), self.hparams.per_category))
+        if f.suffix == ".npy":
+            return [Drawing(category, f, r, f"{f.name}:{r}") for r in rows]
         lines = f.read_text(encoding="utf-8").splitlines()
         numbered = [n for n, line in enumerate(lines, 1) if line.strip()]
         out = []
         for r in rows:
-            n = numbered[r]
+            line = numbered[r]
             try:
-                obj = json.loads(lines[n - 1])
-                _check_strokes(obj)
-            except (json.JSONDecodeError, ValueError, TypeError, IndexError) as e:
-                self._bad(f"{f}:{n}: malformed drawing ({e})")
+                obj = json.loads(lines[line - 1])
+                check_strokes(obj)
+            except (json.JSONDecodeError, ValueError, TypeError) as e:
+                bad.add(f"{f}:{line}: malformed drawing ({e})")
                 continue
-            out.append(Drawing(category, f, n, str(obj.get("key_id", f"{f.name}:{n}"))))
+            out.append(Drawing(category, f, line, str(obj.get("key_id", f"{f.name}:{line}"))))
         return out
-
-    def _bad(self, message: str) -> None:
-        if self.hparams.on_bad_sample == "error":
-            raise BadSampleError(message + "  (set data.on_bad_sample=skip to skip such samples)")
-        self.skipped += 1
-        log.warning("skipping bad sample: %s", message)
 
     # -- Lightning hooks ---------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Choose the split and validate every chosen drawing; idempotent."""
+        """Choose the split and check every chosen drawing; idempotent."""
         if self.dataset is not None:
             return
         hp = self.hparams
         files = self.category_files()
         trained, held_out = self.choose_categories(files)
+        bad = BadSamples(hp.on_bad_sample, str(self.path))
         rng = random.Random(hp.seed + 1)
-        drawings: list[Drawing] = []
-        for c in trained:
-            n = self._count(files[c])
-            if hp.per_category > n:
-                raise ValueError(
-                    f"data.per_category={hp.per_category} but category {c!r} has only {n} "
-                    f"drawings ({files[c]})"
-                )
-            rows = sorted(rng.sample(range(n), hp.per_category))
-            if files[c].suffix == ".npy":
-                drawings += [Drawing(c, files[c], r, f"{files[c].name}:{r}") for r in rows]
-            else:
-                drawings += self._ndjson_drawings(c, files[c], rows)
-        if self.skipped:
-            log.warning("skipped %d bad samples of %d", self.skipped, self.skipped + len(drawings))
+        drawings = [d for c in trained for d in self._pick(c, files[c], rng, bad)]
+        n_trained_bad = len(bad)
+        rng = random.Random(hp.seed + 2)  # its own stream: the trained drawings stay put
+        self.held_out = [d for c in held_out for d in self._pick(c, files[c], rng, bad)]
+        self.skipped = bad.finish(len(drawings) + len(self.held_out) + len(bad))
         if not drawings:
-            raise BadSampleError(f"no usable drawings in {self.path}")
+            raise BadSampleError(f"no usable drawings of the trained categories in {self.path}")
         self.split = {
             "seed": hp.seed,
             "trained": trained,
             "held_out": held_out,
             "files": {c: str(files[c]) for c in trained + held_out},
             "drawings": {c: [d.key for d in drawings if d.category == c] for c in trained},
-            "skipped": self.skipped,
+            "held_out_drawings": {
+                c: [d.key for d in self.held_out if d.category == c] for c in held_out
+            },
+            "skipped": n_trained_bad,
+            "skipped_held_out": self.skipped - n_trained_bad,
         }
-        self.dataset = QuickDrawDataset(
+        self.dataset = self._dataset(drawings)
+
+    def _dataset(self, drawings: list[Drawing]) -> QuickDrawDataset:
+        hp = self.hparams
+        return QuickDrawDataset(
             drawings, hp.resolution, hp.caption_template, hp.render, hp.stroke_width
         )
+
+    def reference_dataset(self, which: str = "held_out") -> QuickDrawDataset:
+        """The split's `trained` or `held_out` drawings (no flip), e.g. as evaluation's
+        ground truth for the categories never trained on."""
+        self.setup()
+        if which not in ("trained", "held_out"):
+            raise ValueError(f"which={which!r} must be 'trained' or 'held_out'")
+        return self.dataset if which == "trained" else self._dataset(self.held_out)
 
     def save_split(self, out_dir: str | Path) -> Path:
         """Write the category split beside the run's outputs, so evaluation reuses it."""
@@ -270,15 +265,18 @@ class QuickDrawDataModule(L.LightningDataModule):
         tmp.replace(out)
         return out
 
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
+    def cache_signature(self) -> dict:
         hp = self.hparams
-        sampler = SeededEpochSampler(len(self.dataset), seed=hp.seed, flip=hp.flip)
-        return DataLoader(
-            self.dataset,
-            batch_size=hp.batch_size,
-            sampler=sampler,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        drawings = self.dataset.drawings
+        return {
+            "files": sorted({str(d.source) for d in drawings}),
+            "samples": [[str(d.source), d.index] for d in drawings],
+            "settings": {
+                "data": "quickdraw",
+                "version": RENDER_VERSION,
+                "resolution": hp.resolution,
+                "render": hp.render,
+                "stroke_width": hp.stroke_width if hp.render == "strokes" else None,
+                "caption_template": hp.caption_template,
+            },
+        }

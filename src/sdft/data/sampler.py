@@ -1,34 +1,47 @@
-"""A sampler whose every draw (order and flip) is a function of (seed, epoch): the same
-run gives the same batches on any machine, under DDP, and after a resume mid-epoch."""
+"""Samplers whose every draw (order and flip) is a function of (seed, epoch): the same run
+gives the same batches on any machine, under DDP, and after a resume mid-epoch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 
-class SeededEpochSampler(Sampler[tuple[int, bool]]):
-    """Yields `(index, flip)`; shuffles per epoch, shards across DDP ranks, can skip ahead.
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class SeededEpochSampler(Sampler[tuple]):
+    """Yields `(index, flip)` (or `(index, flip, epoch)` with `with_epoch`); shuffles per epoch,
+    shards across DDP ranks, can skip ahead.
 
     Flips are drawn here rather than in the dataset so that they are reproducible and
-    survive a resume (dataset workers do not share the main process's RNG state).
+    survive a resume (dataset workers do not share the main process's RNG state). The epoch
+    lets a dataset draw its own per-epoch choices (which caption of a list, caption dropout)
+    from (seed, epoch, index) just as reproducibly.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, flip: bool = True):
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        shuffle: bool = True,
+        flip: bool = True,
+        with_epoch: bool = False,
+    ):
         self.num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle
         self.flip = flip
+        self.with_epoch = with_epoch
         self.epoch = 0
         self._skip = 0  # samples of this rank's share already trained (resume mid-epoch)
-
-    def _world(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -38,19 +51,84 @@ class SeededEpochSampler(Sampler[tuple[int, bool]]):
         self._skip = num_samples
 
     def __len__(self) -> int:
-        rank, world = self._world()
-        return -(-self.num_samples // world)
+        return -(-self.num_samples // world()[1])
 
-    def __iter__(self) -> Iterator[tuple[int, bool]]:
+    def epoch_draws(self) -> tuple[list[int], list[bool]]:
+        """This epoch's order over all samples (every rank) and each sample's flip."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g) if self.shuffle else None
         flips = torch.rand(self.num_samples, generator=g) < 0.5
         if order is None:
             order = torch.arange(self.num_samples)
-        rank, world = self._world()
+        return order.tolist(), [self.flip and f for f in flips.tolist()]
+
+    def key(self, i: int, flip: bool) -> tuple:
+        return (i, flip, self.epoch) if self.with_epoch else (i, flip)
+
+    def __iter__(self) -> Iterator[tuple]:
+        order, flips = self.epoch_draws()
+        rank, size = world()
         per_rank = len(self)
-        order = torch.cat([order, order[: per_rank * world - self.num_samples]])  # pad evenly
-        mine = order[rank::world].tolist()
+        order = order + order[: per_rank * size - self.num_samples]  # pad evenly
+        mine = order[rank::size]
         skip, self._skip = self._skip, 0
         for i in mine[skip:]:
-            yield i, bool(self.flip and flips[i])
+            yield self.key(i, flips[i])
+
+
+class BucketBatchSampler(Sampler[list[tuple]]):
+    """Batches of one aspect-ratio bucket each (kohya-style bucketing), seeded per epoch.
+
+    `buckets[i]` is sample i's bucket. Each epoch takes the `SeededEpochSampler` order of all
+    samples, cuts each bucket's samples, in that order, into batches of `batch_size` (the last
+    one of a bucket may be smaller), orders the batches by their first sample's position in
+    the epoch order, and deals whole batches to the DDP ranks. `self.sampler` is that inner
+    sampler: Lightning calls `set_epoch` on `batch_sampler.sampler`, so the epoch reaches it.
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[int],
+        batch_size: int,
+        seed: int,
+        flip: bool = True,
+        with_epoch: bool = False,
+    ):
+        self.buckets = list(buckets)
+        self.batch_size = batch_size
+        self.sampler = SeededEpochSampler(len(buckets), seed, flip=flip, with_epoch=with_epoch)
+        self._skip = 0  # batches of this rank's share already trained
+
+    def skip_next(self, num_samples: int) -> None:
+        """Start the next iteration `num_samples` (whole batches) into this rank's share."""
+        self._skip = num_samples // self.batch_size
+
+    def _num_batches(self) -> int:
+        sizes: dict[int, int] = {}
+        for b in self.buckets:
+            sizes[b] = sizes.get(b, 0) + 1
+        return sum(-(-n // self.batch_size) for n in sizes.values())
+
+    def __len__(self) -> int:
+        return -(-self._num_batches() // world()[1])
+
+    def epoch_batches(self) -> list[list[tuple]]:
+        """All ranks' batches of this epoch, in training order."""
+        order, flips = self.sampler.epoch_draws()
+        open_batch: dict[int, list[int]] = {}
+        batches: list[list[int]] = []
+        for i in order:
+            batch = open_batch.setdefault(self.buckets[i], [])
+            if not batch:
+                batches.append(batch)  # placed where its first sample falls in the order
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                del open_batch[self.buckets[i]]
+        return [[self.sampler.key(i, flips[i]) for i in b] for b in batches]
+
+    def __iter__(self) -> Iterator[list[tuple]]:
+        batches = self.epoch_batches()
+        rank, size = world()
+        batches = batches + batches[: len(self) * size - len(batches)]  # pad evenly
+        skip, self._skip = self._skip, 0
+        yield from batches[rank::size][skip:]

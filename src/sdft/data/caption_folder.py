@@ -1,0 +1,324 @@
+"""A folder of images with captions, as most style and subject LoRAs are trained.
+
+Captions come from one of (`data.caption_source`, `auto` picks the first present):
+  metadata  `metadata.jsonl` files, `{"file_name": "a.png", "text": "..."}` a line, the
+            `datasets` imagefolder convention (file names relative to the metadata file's
+            folder, one file per folder, column names configurable); `text` may be a list,
+            one caption of it drawn per epoch
+  txt       kohya-style sidecars: `a.png` + `a.txt` (several lines: one drawn per epoch)
+or `data.caption="a painting in vangogh style"` gives every image of the folder that caption.
+
+Every line and image is checked before training (see `checks.py`). The metadata lines are
+parsed here rather than by `load_dataset("imagefolder")`: pyarrow reads the file whole, so
+one malformed line fails the load with no line number and cannot be skipped, and mixing a
+string and a list of captions fails its type inference. The rows are the same as
+imagefolder's (tests/test_data_captions.py compares them); images are decoded by
+`datasets.Image` (EXIF rotation applied, RGB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
+from torch.utils.data import Dataset
+
+from sdft.data.base import CachingDataModule
+from sdft.data.buckets import make_buckets, nearest_bucket, resize_and_crop
+from sdft.data.checks import BadSamples, check_on_bad_sample
+from sdft.data.sampler import BucketBatchSampler, SeededEpochSampler
+
+TRANSFORM_VERSION = 1  # part of the cache key: bump when the pixels of an image change
+SOURCES = ("auto", "metadata", "txt")
+DECODE = datasets.Image(mode="RGB")
+
+
+def decode(path: str):
+    return DECODE.decode_example({"path": path, "bytes": None})
+
+
+class CaptionFolderDataset(Dataset):
+    """Images as (3, H, W) in [-1, 1] with a caption; indexed by (i, flip[, epoch]).
+
+    `captions[i]` lists sample i's captions; which one, caption dropout and a random crop
+    are drawn from (seed, epoch, i), so they are reproducible and survive a resume."""
+
+    def __init__(
+        self,
+        images: list[str],
+        captions: list[list[str]],
+        sizes: list[tuple[int, int]],
+        seed: int,
+        crop: str = "center",
+        prefix: str = "",
+        suffix: str = "",
+        dropout: float = 0.0,
+    ):
+        features = datasets.Features({"image": DECODE})
+        self.table = datasets.Dataset.from_dict({"image": images}, features=features)
+        self.images, self.captions, self.sizes = images, captions, sizes
+        self.seed, self.crop = seed, crop
+        self.prefix, self.suffix, self.dropout = prefix, suffix, dropout
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return self.sizes[i]
+
+    def _rng(self, what: str, key: tuple) -> random.Random:
+        epoch = key[2] if len(key) > 2 else 0
+        return random.Random(f"{what}/{self.seed}/{epoch}/{key[0]}")  # str seeds: stable
+
+    def caption(self, key: tuple) -> str:
+        rng = self._rng("caption", key)
+        if self.dropout and rng.random() < self.dropout:
+            return ""  # unconditional: what classifier-free guidance samples against
+        options = self.captions[key[0]]
+        return self.prefix + options[rng.randrange(len(options))] + self.suffix
+
+    def all_captions(self) -> list[str]:
+        out = {self.prefix + c + self.suffix for options in self.captions for c in options}
+        return sorted(out | ({""} if self.dropout else set()))
+
+    def __getitem__(self, key: tuple) -> dict:
+        i, flip = key[0], key[1]
+        rng = self._rng("crop", key) if self.crop == "random" else None
+        image = resize_and_crop(self.table[i]["image"], self.sizes[i], rng)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+        if flip:
+            x = x.flip(-1)
+        return {"pixel_values": x, "caption": self.caption(key)}  # (3, H, W) in [-1, 1]
+
+
+class CaptionFolderDataModule(CachingDataModule):
+    """Images + captions from a folder (see conf/data/caption_jsonl.yaml for every knob)."""
+
+    def __init__(
+        self,
+        path: str,
+        caption_source: str = "auto",
+        caption: str | None = None,
+        image_column: str = "file_name",
+        caption_column: str = "text",
+        caption_prefix: str = "",
+        caption_suffix: str = "",
+        caption_dropout: float = 0.0,
+        resolution: int = 512,
+        crop: str = "center",
+        flip: bool = True,
+        bucketing: bool = False,
+        min_bucket_size: int = 256,
+        max_bucket_size: int = 1024,
+        seed: int = 42,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        on_bad_sample: str = "error",
+        cache: bool = False,
+        cache_dir: str = "~/.cache/sdft",
+    ):
+        super().__init__()
+        if caption_source not in SOURCES:
+            raise ValueError(f"data.caption_source={caption_source!r} must be one of {SOURCES}")
+        if crop not in ("center", "random"):
+            raise ValueError(f"data.crop={crop!r} must be 'center' or 'random'")
+        if cache and crop == "random":
+            raise ValueError("data.cache=true fixes each image's crop: use data.crop=center")
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"data.caption_dropout={caption_dropout} must be in [0, 1)")
+        if caption is not None and not caption.strip():
+            raise ValueError("data.caption is empty: give a caption, or null to read them")
+        check_on_bad_sample(on_bad_sample)
+        self.save_hyperparameters(logger=False)
+        self.path = Path(path).expanduser()
+        self.dataset: CaptionFolderDataset | None = None
+        self.buckets: list[tuple[int, int]] = []
+        self.bucket_of: list[int] = []
+        self.sources: list[Path] = []  # caption files read
+        self.skipped = 0
+
+    # -- reading captions --------------------------------------------------------------
+    def _source(self) -> str:
+        hp = self.hparams
+        if hp.caption is not None or hp.caption_source != "auto":
+            return "fixed" if hp.caption is not None else hp.caption_source
+        if any(self.path.rglob("metadata.jsonl")):
+            return "metadata"
+        if any(self.path.rglob("*.txt")):
+            return "txt"
+        raise FileNotFoundError(
+            f"data.path={str(self.path)!r} has no metadata.jsonl and no .txt captions "
+            "(or set data.caption=... to give every image one caption)"
+        )
+
+    def _image_files(self) -> list[Path]:
+        exts = set(IMAGE_EXTENSIONS)
+        return sorted(f for f in self.path.rglob("*") if f.suffix.lower() in exts)
+
+    def _read_metadata(self, bad: BadSamples) -> list[tuple[str, Path, object]]:
+        """(where, image path, caption value) of every parsed line; bad lines go to `bad`."""
+        hp = self.hparams
+        rows, columns_seen = [], set()
+        self.sources = sorted(self.path.rglob("metadata.jsonl"))
+        if not self.sources:
+            raise FileNotFoundError(f"data.path={str(self.path)!r}: no metadata.jsonl")
+        for meta in self.sources:
+            for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                where = f"{meta}:{n}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    bad.add(f"{where}: malformed JSON line ({e.msg}: column {e.colno})")
+                    continue
+                if not isinstance(obj, dict):
+                    bad.add(f"{where}: not a JSON object")
+                    continue
+                columns_seen |= set(obj)
+                missing = [c for c in (hp.image_column, hp.caption_column) if c not in obj]
+                if missing:
+                    bad.add(f"{where}: no {missing[0]!r} (it has {sorted(obj)})")
+                    continue
+                name = obj[hp.image_column]
+                rel = os.path.normpath(name) if isinstance(name, str) and name else ""
+                if not rel or os.path.isabs(rel) or rel == ".." or rel.startswith("../"):
+                    # as imagefolder: a path inside the metadata file's folder, no escaping
+                    bad.add(f"{where}: {hp.image_column}={name!r} is not a path in {meta.parent}")
+                    continue
+                rows.append((where, meta.parent / rel, obj[hp.caption_column]))
+        for column in (hp.image_column, hp.caption_column):
+            if columns_seen and column not in columns_seen:  # a setting, not a bad sample
+                key = "image_column" if column == hp.image_column else "caption_column"
+                raise ValueError(
+                    f"data.{key}={column!r} is not a column of {self.sources[0]} "
+                    f"(its columns: {sorted(columns_seen)})"
+                )
+        return rows
+
+    def _read_sidecars(self, bad: BadSamples) -> list[tuple[str, Path, object]]:
+        rows = []
+        for image in self._image_files():
+            txt = image.with_suffix(".txt")
+            if not txt.is_file():
+                bad.add(f"{image}: no caption file {txt.name}")
+                continue
+            self.sources.append(txt)
+            lines = [s.strip() for s in txt.read_text(encoding="utf-8").splitlines()]
+            rows.append((str(txt), image, [s for s in lines if s] or ""))
+        return rows
+
+    @staticmethod
+    def _captions(value: object) -> list[str] | str:
+        """A caption value as a non-empty list of non-empty strings, or what is wrong."""
+        options = value if isinstance(value, list) else [value]
+        if not options or not all(isinstance(c, str) for c in options):
+            return f"caption {value!r} is not a string or a list of strings"
+        if not all(c.strip() for c in options):
+            return "empty caption"
+        return [c.strip() for c in options]
+
+    # -- Lightning hooks ---------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Read and check every sample, assign buckets; idempotent."""
+        if self.dataset is not None:
+            return
+        hp = self.hparams
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"data.path={str(self.path)!r}: no such directory")
+        bad = BadSamples(hp.on_bad_sample, str(self.path))
+        source = self._source()
+        if source == "metadata":
+            rows = self._read_metadata(bad)
+        elif source == "txt":
+            rows = self._read_sidecars(bad)
+        else:
+            rows = [(str(f), f, hp.caption) for f in self._image_files()]
+        checked = []
+        for where, image, value in rows:
+            captions = self._captions(value)
+            if isinstance(captions, str):
+                bad.add(f"{where}: {captions}")
+            elif not image.is_file():
+                bad.add(f"{where}: missing image {image}")
+            else:
+                checked.append((where, image, captions))
+        # decode every image once (threads: PIL releases the GIL); the folder is only read
+        with ThreadPoolExecutor(8) as pool:
+            sizes = list(pool.map(lambda r: _size_or_error(r[1]), checked))
+        good = []
+        for (where, image, captions), size in zip(checked, sizes, strict=True):
+            if isinstance(size, str):
+                bad.add(f"{where}: unreadable image {image} ({size})")
+            else:
+                good.append((image, captions, size))
+        self.skipped = bad.finish(len(good) + len(bad))
+        self._make_dataset(good)
+
+    def _make_dataset(self, good: list) -> None:
+        hp = self.hparams
+        if hp.bucketing:
+            self.buckets = make_buckets(hp.resolution, hp.min_bucket_size, hp.max_bucket_size)
+            self.bucket_of = [nearest_bucket(h, w, self.buckets) for _, _, (h, w) in good]
+        else:
+            self.buckets, self.bucket_of = [(hp.resolution, hp.resolution)], [0] * len(good)
+        self.dataset = CaptionFolderDataset(
+            [str(image) for image, _, _ in good],
+            [captions for _, captions, _ in good],
+            [self.buckets[b] for b in self.bucket_of],
+            seed=hp.seed,
+            crop=hp.crop,
+            prefix=hp.caption_prefix,
+            suffix=hp.caption_suffix,
+            dropout=hp.caption_dropout,
+        )
+
+    def train_sampler(self):
+        hp = self.hparams
+        if hp.bucketing:
+            return BucketBatchSampler(
+                self.bucket_of, hp.batch_size, seed=hp.seed, flip=hp.flip, with_epoch=True
+            )
+        return SeededEpochSampler(len(self.dataset), seed=hp.seed, flip=hp.flip, with_epoch=True)
+
+    def save_split(self, out_dir: str | Path) -> Path:
+        """Write which images this run trains on (and how many were skipped)."""
+        assert self.dataset is not None, "call setup() first"
+        out = Path(out_dir) / "split.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        images = [os.path.relpath(p, self.path) for p in self.dataset.images]
+        record = {"path": str(self.path), "images": images, "skipped": self.skipped}
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(out)
+        return out
+
+    def cache_signature(self) -> dict:
+        hp = self.hparams
+        ds = self.dataset
+        return {
+            "files": [*ds.images, *map(str, self.sources)],
+            "samples": [[p, list(s)] for p, s in zip(ds.images, ds.sizes, strict=True)],
+            "settings": {
+                "data": "caption_folder",
+                "version": TRANSFORM_VERSION,
+                "captions": ds.all_captions(),  # prefix, suffix, dropout, data.caption
+                "crop": hp.crop,
+            },
+        }
+
+
+def _size_or_error(path: Path) -> tuple[int, int] | str:
+    """(height, width) after EXIF rotation, or why the image cannot be read."""
+    try:
+        image = decode(str(path))
+    except Exception as e:  # PIL raises many types for broken files
+        return f"{type(e).__name__}: {e}"
+    return image.height, image.width
