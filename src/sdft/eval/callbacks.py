@@ -9,14 +9,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-
-def image_grid(images: list[Image.Image], rows: int) -> Image.Image:
-    cols = -(-len(images) // rows)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
+from sdft.eval.grids import image_grid
 
 
 class PreviewGrid(L.Callback):
@@ -29,7 +22,7 @@ class PreviewGrid(L.Callback):
         seeds: list[int] = (0, 1, 2, 3),
         negative_prompt: str = "",
         num_inference_steps: int = 20,
-        guidance_scale: float = 7.0,
+        guidance_scale: float = 7.5,
         every_n_steps: int = 0,
         out_dir: str = "previews",
         resolution: int | None = None,

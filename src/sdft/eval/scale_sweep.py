@@ -1,0 +1,380 @@
+"""The paper's LoRA-scale sweep (Guo & Cao, figures 10 and 11), as a Lightning callback.
+
+For each LoRA scale, images of "a scribble of {category}" for trained and held-out
+categories from fixed seeds; for each image, its CLIP score with its prompt and its mean
+CLIP image cosine with real drawings of its category. Reported per scale: mean and spread
+over the images; once: the CLIP score of the real drawings with their own captions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from sdft.eval.grids import labelled_grid, to_pil
+from sdft.eval.metrics import ClipScorer, ImageEncoder, clip_score, image_cosine
+from sdft.eval.results import (
+    GROUPS,
+    SweepResult,
+    append_history,
+    log_results,
+    scale_key,
+    write_results,
+)
+
+log = logging.getLogger(__name__)
+DEFAULT_SCALES = tuple(i / 10 for i in range(11))  # 0.0, 0.1, ..., 1.0
+
+
+def ground_truth_drawings(
+    datamodule: L.LightningDataModule, group: str, categories: list[str]
+) -> dict[str, torch.Tensor]:
+    """The split's real drawings of `categories` (of `group`: "trained" or "held_out"),
+    rendered as training renders them: category -> uint8 (n, 3, R, R), black on white."""
+    dataset = datamodule.reference_dataset(group)
+    out: dict[str, list[torch.Tensor]] = {c: [] for c in categories}
+    for i, drawing in enumerate(dataset.drawings):
+        if drawing.category in out:
+            x = dataset[i]["pixel_values"]  # (3, R, R) in [-1, 1]
+            out[drawing.category].append(((x + 1) * 127.5).round().to(torch.uint8))
+    return {c: torch.stack(v) for c, v in out.items()}
+
+
+def gather_by_index(
+    values: torch.Tensor,
+    indices: list[int],
+    total: int,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None,
+    world: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Each rank's `values` (k, ...) for its item `indices` -> (total, ...) on every rank,
+    in item order. `gather` is the strategy's all_gather (stacks ranks on a new dim 0)."""
+    out = values.new_zeros((total, *values.shape[1:]))
+    if world == 1 or gather is None:
+        out[indices] = values
+        return out
+    most = int(gather(torch.tensor([len(indices)], device=device)).max())
+    padded = values.new_zeros((most, *values.shape[1:]))
+    padded[: len(indices)] = values
+    idx = torch.full((most,), -1, dtype=torch.long)
+    idx[: len(indices)] = torch.tensor(indices, dtype=torch.long)
+    all_values = gather(padded.to(device)).reshape(-1, *values.shape[1:]).cpu()
+    all_idx = gather(idx.to(device)).reshape(-1).cpu()
+    keep = all_idx >= 0
+    out[all_idx[keep]] = all_values[keep]
+    return out
+
+
+def _mean_std(x: torch.Tensor) -> tuple[float, float]:
+    return x.mean().item(), (x.std().item() if len(x) > 1 else 0.0)
+
+
+class ScaleSweepEvaluator(L.Callback):
+    """CLIP score and CLIP image cosine of generated scribbles at each LoRA scale.
+
+    Runs at the end of fit, and also every `every_n_steps` optimiser steps and/or whenever a
+    checkpoint is saved (`on_checkpoint`, the numbers go into the checkpoint too). Under DDP
+    each rank generates a share of the images and the per-image numbers are gathered."""
+
+    def __init__(
+        self,
+        scales: list[float] = DEFAULT_SCALES,
+        num_prompts: int = 10,
+        seeds: list[int] = (0, 1),
+        prompt_template: str = "a scribble of {category}",
+        negative_prompt: str = "",
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        resolution: int | None = None,
+        batch_size: int = 40,
+        clip_batch_size: int = 64,
+        clip_score_model: str = "openai/clip-vit-base-patch16",
+        image_model: str = "openai/clip-vit-large-patch14",
+        grid_rows: int = 5,
+        every_n_steps: int = 0,
+        on_checkpoint: bool = False,
+        out_dir: str = "eval",
+    ):
+        self.scales = [float(s) for s in scales]
+        self.num_prompts, self.seeds = num_prompts, list(seeds)
+        self.prompt_template = prompt_template
+        self.negative_prompt = negative_prompt
+        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
+        self.resolution, self.batch_size = resolution, batch_size
+        self.clip_batch_size = clip_batch_size
+        self.models = {"clip_score": clip_score_model, "image_cosine": image_model}
+        self.grid_rows = grid_rows
+        self.every_n_steps, self.on_checkpoint = every_n_steps, on_checkpoint
+        self.out_dir = Path(out_dir)
+        self.scorer: ClipScorer | None = None
+        self.encoder: ImageEncoder | None = None
+        self.results: dict[int, SweepResult] = {}  # by global step
+        self._references: dict[tuple, tuple] = {}
+
+    # -- models: loaded once; in `setup`, so that a missing one stops the run before training
+    def load_models(self) -> None:
+        if self.scorer is None:
+            self.scorer = ClipScorer(self.models["clip_score"], self.clip_batch_size)
+            self.encoder = ImageEncoder(self.models["image_cosine"], self.clip_batch_size)
+
+    def _models_to(self, device: torch.device | str) -> None:
+        self.scorer.to(device)
+        self.encoder.to(device)
+
+    # -- generation ------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        pipe: StableDiffusionPipeline,
+        prompts: list[str],
+        seeds: list[int],
+        scale: float,
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> torch.Tensor:
+        """One image per (prompt, seed) pair at LoRA `scale`: uint8 (N, 3, H, W) on the CPU,
+        `batch_size` images per pipeline call. Each image depends only on its seed."""
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            chunk = prompts[i : i + self.batch_size]
+            gens = [
+                torch.Generator(pipe.device).manual_seed(s) for s in seeds[i : i + self.batch_size]
+            ]
+            with context():
+                images = pipe(
+                    chunk,
+                    negative_prompt=[self.negative_prompt] * len(chunk),
+                    num_inference_steps=self.num_inference_steps,
+                    guidance_scale=self.guidance_scale,
+                    generator=gens,
+                    height=self.resolution,
+                    width=self.resolution,
+                    output_type="pt",
+                    # diffusers scales every LoRA layer by this for the call only
+                    cross_attention_kwargs={"scale": scale},
+                ).images  # (B, 3, H, W) in [0, 1]
+            # the rounding diffusers uses for PIL output: saved grids are these pixels
+            out.append((images.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu())
+        return torch.cat(out)
+
+    def scale_grid(
+        self,
+        pipe: StableDiffusionPipeline,
+        prompts: list[str],
+        seeds: list[int],
+        scales: list[float],
+        title: str = "",
+        labels: list[str] | None = None,
+    ) -> Image.Image:
+        """Rows: each prompt with each seed; columns: LoRA scales (the paper's figures 5-9)."""
+        pairs = [(p, s) for p in prompts for s in seeds]
+        columns = [
+            self.generate(pipe, [p for p, _ in pairs], [s for _, s in pairs], scale)
+            for scale in scales
+        ]
+        images = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: pair, then scale
+        rows = labels or [f"{p} (seed {s})" if len(seeds) > 1 else p for p, s in pairs]
+        return labelled_grid(to_pil(images), rows, [f"scale {scale_key(s)}" for s in scales], title)
+
+    # -- ground truth: encoded once (the drawings do not change while training) --------
+    def references(
+        self, datamodule: L.LightningDataModule, categories: dict[str, list[str]]
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """The image embeddings (n, D) of each category's real drawings, in the order of
+        `categories`, and per group the CLIP scores of those drawings with their captions."""
+        key = tuple((g, tuple(c)) for g, c in categories.items())
+        if key not in self._references:
+            drawings = {}
+            for group, cats in categories.items():
+                drawings |= ground_truth_drawings(datamodule, group, cats)
+            feats = [self.encoder.encode(drawings[c]) for cats in categories.values() for c in cats]
+            scores = {}
+            for group, cats in categories.items():
+                images = torch.cat([drawings[c] for c in cats])
+                captions = [self.prompt(c) for c in cats for _ in range(len(drawings[c]))]
+                scores[group] = self.scorer.scores(images, captions)
+            self._references[key] = (feats, scores)
+        return self._references[key]
+
+    def prompt(self, category: str) -> str:
+        return self.prompt_template.format(category=category)
+
+    # -- the sweep -------------------------------------------------------------------
+    def evaluate(
+        self,
+        pipe: StableDiffusionPipeline,
+        datamodule: L.LightningDataModule,
+        rank: int = 0,
+        world: int = 1,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> SweepResult:
+        """Generate this rank's share of scales x categories x seeds of the data module's
+        split, score every image, gather; every rank returns the same result."""
+        t0 = time.perf_counter()
+        self.load_models()
+        self._models_to(pipe.device)
+        split = datamodule.split
+        cats = {g: list(split[g][: self.num_prompts]) for g in GROUPS if split[g]}
+        names = [c for group in cats.values() for c in group]
+        try:
+            gt_feats, reference = self.references(datamodule, cats)
+            # one item per image: (scale, group, category index, seed)
+            items = [
+                (s, g, names.index(c), seed)
+                for s in self.scales
+                for g in cats
+                for c in cats[g]
+                for seed in self.seeds
+            ]
+            # the grids show the first seed of the first `grid_rows` categories of each group
+            in_grid = {
+                (s, g, c): i
+                for i, (s, g, c, seed) in enumerate(items)
+                if seed == self.seeds[0] and names[c] in cats[g][: self.grid_rows]
+            }
+            mine = list(range(rank, len(items), world))
+            keep = set(in_grid.values()) & set(mine)
+            scores, cosines, kept = self._score_items(
+                pipe, items, mine, names, gt_feats, keep, context
+            )
+            total = len(items)
+            scores = gather_by_index(scores, mine, total, gather, world, pipe.device)
+            cosines = gather_by_index(cosines, mine, total, gather, world, pipe.device)
+            mine_grid = sorted(keep)
+            if mine_grid:
+                local = torch.stack([kept[i] for i in mine_grid])
+            else:  # this rank drew no grid image; it still joins the gather
+                side = self.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+                local = torch.zeros((0, 3, side, side), dtype=torch.uint8)
+            grid = gather_by_index(local, mine_grid, total, gather, world, pipe.device)
+        finally:
+            self._models_to("cpu")  # give the accelerator back to training
+        rows = []
+        for s in self.scales:
+            row = {"scale": s}
+            for g, suffix in GROUPS.items():
+                sel = [i for i, it in enumerate(items) if it[0] == s and it[1] == g]
+                if not sel:
+                    continue
+                row[f"clip_score{suffix}"] = clip_score(scores[sel])
+                row[f"clip_score{suffix}_std"] = _mean_std(scores[sel])[1]
+                row[f"clip_img_cos{suffix}"], row[f"clip_img_cos{suffix}_std"] = _mean_std(
+                    cosines[sel]
+                )
+                row[f"n_images{suffix}"] = len(sel)
+            rows.append(row)
+        ref = {}
+        for g, r in reference.items():
+            ref[f"clip_score_reference{GROUPS[g]}"] = clip_score(r)
+            ref[f"clip_score_reference{GROUPS[g]}_std"] = _mean_std(r)[1]
+        grids = {}
+        for g in cats:
+            shown = cats[g][: self.grid_rows]
+            cells = [grid[in_grid[s, g, names.index(c)]] for c in shown for s in self.scales]
+            grids[g] = labelled_grid(
+                to_pil(torch.stack(cells)),
+                shown,
+                [scale_key(s) for s in self.scales],
+                title=f"{g} categories, seed {self.seeds[0]}; columns: LoRA scale",
+            )
+        return SweepResult(
+            rows=rows,
+            reference=ref,
+            grids=grids,
+            models=dict(self.models),
+            categories=cats,
+            images=len(items),
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _score_items(self, pipe, items, mine, names, gt_feats, keep, context):
+        """Generate and score this rank's items, one scale at a time; return their CLIP
+        scores and image cosines (in `mine` order) and the images of the items in `keep`."""
+        scores = torch.zeros(len(mine))
+        cosines = torch.zeros(len(mine))
+        kept: dict[int, torch.Tensor] = {}
+        for s in self.scales:
+            pos = [k for k, i in enumerate(mine) if items[i][0] == s]
+            if not pos:
+                continue
+            prompts = [self.prompt(names[items[mine[k]][2]]) for k in pos]
+            seeds = [items[mine[k]][3] for k in pos]
+            images = self.generate(pipe, prompts, seeds, s, context)
+            scores[pos] = self.scorer.scores(images, prompts)
+            feats = self.encoder.encode(images)  # (n, D)
+            cat_idx = torch.tensor([items[mine[k]][2] for k in pos])
+            for c in cat_idx.unique().tolist():
+                sel = (cat_idx == c).nonzero().flatten()
+                cosines[[pos[j] for j in sel]] = image_cosine(feats[sel], gt_feats[c])
+            for k, im in zip(pos, images, strict=True):
+                if mine[k] in keep:
+                    kept[mine[k]] = im
+        return scores, cosines, kept
+
+    # -- Lightning hooks -------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.load_models()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step and step % self.every_n_steps == 0:
+            self.sweep(trainer, module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict):
+        if self.on_checkpoint:
+            result = self.sweep(trainer, module)
+            if result is not None:  # pick the best checkpoint later by its own numbers
+                checkpoint["sdft_eval"] = result.metrics()
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # not on_fit_end: by then Lightning has moved the module back to the CPU
+        self.sweep(trainer, module)
+
+    def sweep(self, trainer: L.Trainer, module: L.LightningModule) -> SweepResult | None:
+        """Evaluate the module being trained (once per global step), write and log it."""
+        step = trainer.global_step
+        if step in self.results:
+            return self.results[step]
+        if not hasattr(trainer.datamodule, "reference_dataset"):
+            log.warning("scale sweep skipped: the data module has no categories to prompt")
+            return None
+        pipe = module.inference_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        was_training = module.training
+        module.eval()
+        try:
+            result = self.evaluate(
+                pipe,
+                trainer.datamodule,
+                rank=trainer.global_rank,
+                world=trainer.world_size,
+                gather=trainer.strategy.all_gather,
+                context=trainer.precision_plugin.forward_context,
+            )
+        finally:
+            module.train(was_training)
+        self.results[step] = result
+        metrics = result.metrics()
+        # self.log() is not allowed in on_train_end; the trainer's dict is what
+        # sdft.train.run returns and what checkpoint callbacks and sweepers read.
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if trainer.is_global_zero:
+            files = write_results(result, self.out_dir / f"step_{step:06d}")
+            append_history(self.out_dir / "history.csv", step, metrics)
+            log_results(result, trainer.loggers, step, [f for f in files if f.suffix == ".png"])
+            log.info(
+                "scale sweep at step %d: best scale %s, image cosine %.4f (%d images, %.1f s)",
+                step, metrics["eval/best_scale"], metrics["eval/clip_img_cos_best"],
+                result.images, result.seconds,
+            )  # fmt: skip
+        return result
