@@ -2,10 +2,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-TINY := +experiment=scribble model=tiny trainer=cpu data.resolution=64 trainer.max_steps=100 \
+TINY := +experiment=scribble model=tiny eval=tiny trainer=cpu data.resolution=64 trainer.max_steps=100 \
         callbacks.checkpoint.every_n_train_steps=50 callbacks.preview.every_n_steps=50
 
-.PHONY: help setup train test lint
+BENCH_OUT ?= outputs/bench
+PEER := .peer/diffusers_train_text_to_image_lora.py
+
+.PHONY: help setup train paper bench test lint
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -17,8 +20,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## make .venv and install sdft with its dependencies (torch from this disk)
 
-train: setup ## train the scribble LoRA on the tiny offline model, real QuickDraw data (CPU, ~2 min)
+train: setup ## train the scribble LoRA on the tiny offline model, real QuickDraw data, evaluates it (CPU, ~3 min)
 	$(PY) train.py $(TINY) $(ARGS)
+
+paper: setup ## the paper's figures 5-11 into experiments/scribble_paper/results/ (tiny model, CPU, ~4 min; ARGS="model=sd15" on a GPU)
+	$(PY) experiments/scribble_paper/paper.py $(ARGS)
+
+bench: setup ## GPU: the diffusers example and sdft side by side; appends a table to bench/RESULTS.md
+	test -f $(PEER) || (mkdir -p .peer && cp ../shared/peers/diffusers_train_text_to_image_lora.py $(PEER))
+	$(PY) bench/throughput.py run --out $(BENCH_OUT) $(ARGS)
+	$(PY) bench/throughput.py report $(BENCH_OUT)/throughput.json --plot $(BENCH_OUT)/loss_curves.png
 
 test: setup ## run the test suite (CPU, offline)
 	$(PY) -m pytest -q $(ARGS)

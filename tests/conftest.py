@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -32,13 +33,24 @@ FAST = [
     "trainer.enable_progress_bar=false",
     "callbacks.preview.num_inference_steps=2",
     "callbacks.preview.seeds=[0]",
+    "~callbacks.scale_sweep",  # tests that want it add TINY_EVAL
+]
+# With FAST, the scale-sweep evaluator back, at its smallest: random tiny CLIP models, 2 scales,
+# 1 image of 1 category per group and scale.
+TINY_EVAL = [
+    "+callbacks.scale_sweep=${eval}",
+    "eval=tiny",
+    "eval.scales=[0.0,1.0]",
+    "eval.num_prompts=1",
+    "eval.seeds=[0]",
+    "eval.num_inference_steps=2",
 ]
 
 
-def compose_cfg(overrides: list[str], out_dir: Path) -> DictConfig:
+def compose_cfg(overrides: list[str], out_dir: Path, config_name: str = "train") -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
@@ -56,3 +68,12 @@ def make_cfg(tmp_path):
         return compose_cfg([*(FAST if fast else []), *overrides], tmp_path / run)
 
     return _make
+
+
+def unet_out(unet, seed: int = 0) -> torch.Tensor:
+    """The tiny UNet's output for fixed random latents, timesteps and text states."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)  # (B, 4, h, w)
+    text = torch.randn(2, 77, 32, generator=g)  # (B, 77, D)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from sdft.perf import FastPath
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint made with another method or base model than the current config."""
@@ -41,6 +43,7 @@ class AdapterFineTuner(L.LightningModule):
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler],
         seed: int = 0,
         noise_offset: float = 0.0,
+        fast_path: FastPath | None = None,
     ):
         super().__init__()
         self.pipeline = pipeline
@@ -50,9 +53,12 @@ class AdapterFineTuner(L.LightningModule):
         self.method = method
         self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
         self.seed, self.noise_offset = seed, noise_offset
+        self.fast_path = fast_path
         for m in (self.unet, self.vae, self.text_encoder):
             m.requires_grad_(False)
         method.apply(pipeline)
+        # LoRA on the text encoder, or new TI embedding rows: prompts are encoded with grad
+        self.trains_text_encoder = any(p.requires_grad for p in self.text_encoder.parameters())
         self.strict_loading = False  # checkpoints hold the adapter only, not the frozen base
 
     @property
@@ -63,6 +69,8 @@ class AdapterFineTuner(L.LightningModule):
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+        if self.fast_path is not None:  # the module is still on the CPU here: ask the strategy
+            self.fast_path.apply(self.unet, self.trainer.strategy.root_device)
         if dtype is None:
             return
         for module in (self.unet, self.vae, self.text_encoder):
@@ -83,8 +91,9 @@ class AdapterFineTuner(L.LightningModule):
         }
 
     # -- training --------------------------------------------------------------------
-    @torch.no_grad()
     def encode_prompt(self, captions: list[str]) -> torch.Tensor:
+        # a multi-vector TI token stands for all its tokens: "<x>" -> "<x> <x>_1 <x>_2"
+        captions = self.pipeline.maybe_convert_prompt(list(captions), self.tokenizer)
         ids = self.tokenizer(
             captions,
             padding="max_length",
@@ -92,7 +101,8 @@ class AdapterFineTuner(L.LightningModule):
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]  # (B, 77, D)
+        with torch.set_grad_enabled(self.trains_text_encoder and torch.is_grad_enabled()):
+            return self.text_encoder(ids)[0]  # (B, 77, D)
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         # Noise is a function of (seed, epoch, batch, rank): a resumed run draws what an
@@ -110,7 +120,7 @@ class AdapterFineTuner(L.LightningModule):
                 dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
             latents = dist.sample(generator=g).float() * self.vae.config.scaling_factor
             # latents: (B, 4, h, w)
-        if "encoder_hidden_states" in batch:  # cached text-encoder output (B, 77, D)
+        if "encoder_hidden_states" in batch and not self.trains_text_encoder:  # cached (B, 77, D)
             text = batch["encoder_hidden_states"]
         else:
             text = self.encode_prompt(batch["caption"])
@@ -131,26 +141,92 @@ class AdapterFineTuner(L.LightningModule):
         else:
             raise ValueError(f"unsupported prediction_type {kind!r}")
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
+        if "is_prior" in batch:  # DreamBooth: instance loss + prior_loss_weight x class-image loss
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+            prior = batch["is_prior"]  # (B,) bool
+            weight = self.method.prior_loss_weight
+            return per_sample[~prior].mean() + weight * per_sample[prior].mean()
         return F.mse_loss(pred.float(), target.float())
+
+    def check_finite(self, loss: torch.Tensor | None, batch_idx: int = -1) -> None:
+        """Stop on a NaN/inf loss. On the GPU the check reads the previous micro-batch's loss
+        through a pinned copy, so the CPU never waits for the GPU to finish a step."""
+        pending, self._pending_loss = getattr(self, "_pending_loss", None), None
+        if loss is not None:
+            where = f"epoch {self.current_epoch}, batch {batch_idx}"
+            if loss.device.type != "cuda":
+                pending = (loss.detach(), None, where)
+            else:
+                value = loss.detach().to("cpu", non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                self._pending_loss = (value, done, where)
+        if pending is not None:
+            value, done, where = pending
+            if done is not None:
+                done.synchronize()
+            if not torch.isfinite(value):
+                raise FloatingPointError(
+                    f"loss is {value.item()} at {where}: stopping "
+                    "(lower optim.lr or check the data)"
+                )
+
+    def on_train_end(self) -> None:
+        self.check_finite(None)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        # Lightning refuses to clip for fused AdamW under any AMP, but bf16 has no loss
+        # scaler: the gradients are already unscaled and clipping them is exact.
+        val, algo = gradient_clip_val, gradient_clip_algorithm
+        if val and algo in (None, "norm") and "bf16" in str(self.trainer.precision):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, val, foreach=True)
+        else:
+            super().configure_gradient_clipping(optimizer, val, algo)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, self.step_generator(batch_idx))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}: "
-                "stopping (lower optim.lr or check the data)"
-            )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        mean = self.mean_over_ranks(loss)
+        self.check_finite(mean, batch_idx)
+        self.log("train/loss", mean, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
+
+    def mean_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss averaged over DDP ranks, so every rank logs the same value and a NaN on
+        one rank stops all of them at once (rather than leaving the others waiting on it).
+        A plain all-reduce: queued on the GPU, no host sync (Lightning's sync_dist adds a
+        barrier)."""
+        world = self.trainer.world_size
+        if world == 1:
+            return loss.detach()
+        mean = loss.detach().clone()
+        torch.distributed.all_reduce(mean)
+        return mean / world
 
     def on_train_start(self) -> None:
         # Lightning restarts a resumed epoch's dataloader at its first batch (and skips
         # on_train_epoch_start); make the sampler skip what the checkpoint already trained.
         fit_loop = self.trainer.fit_loop
-        sampler = getattr(self.trainer.train_dataloader, "sampler", None)
+        loader = self.trainer.train_dataloader
+        sampler = getattr(loader, "batch_sampler", None)  # aspect-ratio buckets: batches
+        if not hasattr(sampler, "skip_next"):
+            sampler = getattr(loader, "sampler", None)
         if fit_loop.restarted_mid_epoch and hasattr(sampler, "skip_next"):
-            done = fit_loop.epoch_loop.batch_progress.current.ready  # counted before the save
-            sampler.skip_next(done * self.trainer.train_dataloader.batch_size)
+            progress = fit_loop.epoch_loop.batch_progress.current  # counted before the save
+            batch_size, world = loader.batch_size or sampler.batch_size, self.trainer.world_size
+            # the epoch's samples that all ranks together trained before the save, as the
+            # checkpoint says: it may come from another number of GPUs or batch size
+            seen = getattr(self, "_resumed_epoch_samples", None)
+            seen = progress.ready * batch_size * world if seen is None else seen
+            # ranks take the epoch's order round-robin, so the seen samples are its prefix
+            mine = seen // world
+            sampler.skip_next(mine)
+            # Lightning counts the epoch's batches in the saving run's units: recount in ours
+            shift = mine // batch_size - progress.ready
+            for counter in ("ready", "started", "processed", "completed"):
+                setattr(progress, counter, getattr(progress, counter) + shift)
 
     # -- checkpoints: the adapter and training state, never the frozen base ------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -158,10 +234,20 @@ class AdapterFineTuner(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k in trainable
         }
-        checkpoint["sdft"] = self.identity
+        checkpoint["sdft"] = {**self.identity, "epoch_samples": self.epoch_samples_done()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint(checkpoint.get("sdft"), self.identity, "<checkpoint>")
+        self._resumed_epoch_samples = checkpoint["sdft"].get("epoch_samples")
+
+    def epoch_samples_done(self) -> int:
+        """Samples of the current epoch trained so far, by all DDP ranks together."""
+        loader = self.trainer.train_dataloader
+        if loader is None:
+            return 0
+        batch_size = loader.batch_size or loader.batch_sampler.batch_size
+        ready = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return ready * batch_size * self.trainer.world_size
 
     # -- inference -------------------------------------------------------------------
     def inference_pipeline(self) -> StableDiffusionPipeline:
@@ -177,5 +263,7 @@ class AdapterFineTuner(L.LightningModule):
             requires_safety_checker=False,
         )
 
-    def save_adapter(self, out_dir: str | Path) -> list[Path]:
-        return self.method.save(self.pipeline, out_dir)
+    def save_adapter(self, out_dir: str | Path, metadata: dict | None = None) -> list[Path]:
+        """Write the adapter files; `metadata` (resolution, data hash, ...) goes into them."""
+        meta = {"base_model": self.pipeline.name_or_path, "steps": self.global_step}
+        return self.method.save(self.pipeline, out_dir, {**meta, **(metadata or {})})

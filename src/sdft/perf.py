@@ -14,25 +14,37 @@ class SpeedMonitor(L.Callback):
     """Times optimiser steps after `warmup_steps` (compilation, allocator growth, cuDNN
     autotuning stay out of the numbers); logs `perf/samples_per_s` and writes `perf.json`."""
 
-    def __init__(self, warmup_steps: int = 10, out_file: str | None = None):
+    def __init__(
+        self, warmup_steps: int = 10, out_file: str | None = None, print_every_n_steps: int = 0
+    ):
         self.warmup_steps = warmup_steps
         self.out_file = out_file
+        self.print_every_n_steps = print_every_n_steps  # >0: a progress line (logs, no bar)
         self._t0: float | None = None
         self._step0 = 0
         self._samples = 0
+        self._printed = -1
 
     def _sync(self, module: L.LightningModule) -> None:
         if module.device.type == "cuda":
             torch.cuda.synchronize(module.device)
 
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # peak memory of training itself (model loading and cache building excluded)
+        if module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(module.device)
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        every = self.print_every_n_steps
+        if every and step % every == 0 and trainer.is_global_zero and step != self._printed:
+            self._printed = step
+            rate = self._samples / (time.perf_counter() - self._t0) if self._samples else 0.0
+            print(f"sdft step {step}: {rate:.1f} samples/s since warm-up", flush=True)
         if self._t0 is None:
             if step >= self.warmup_steps:
                 self._sync(module)
                 self._t0, self._step0, self._samples = time.perf_counter(), step, 0
-                if module.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(module.device)
             return
         self._samples += len(batch["caption"]) * trainer.world_size
 
@@ -69,3 +81,46 @@ class SpeedMonitor(L.Callback):
         if self.out_file:
             Path(self.out_file).parent.mkdir(parents=True, exist_ok=True)
             Path(self.out_file).write_text(json.dumps(stats, indent=1))
+
+
+class FastPath:
+    """The GPU speed switches, each a config option (`conf/perf/`). They change how the step
+    runs, never what it computes: `tests/test_perf.py` pins the same loss with and without.
+
+    Applied by the module at setup, on CUDA only unless `force` (tests use it on the CPU).
+    """
+
+    def __init__(
+        self,
+        compile_unet: bool = True,
+        channels_last: bool = True,
+        tf32: bool = True,
+        gradient_checkpointing: bool = False,
+        merge_accumulation: bool = True,
+        compile_mode: str | None = None,
+        force: bool = False,
+    ):
+        self.compile_unet = compile_unet  # inductor kernels; first steps pay the compile
+        self.channels_last = channels_last  # NHWC convs: the layout cuDNN is fastest in
+        self.tf32 = tf32  # fp32 matmuls (the fp32 adapter's) on tensor cores
+        self.gradient_checkpointing = gradient_checkpointing  # less memory, ~25% slower
+        self.merge_accumulation = merge_accumulation  # batch 8 x 4 -> one micro-batch of 32
+        self.compile_mode = compile_mode
+        self.force = force
+
+    def active(self, device: torch.device) -> bool:
+        return device.type == "cuda" or self.force
+
+    def apply(self, unet: torch.nn.Module, device: torch.device) -> None:
+        if not self.active(device):
+            return
+        if self.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if self.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if self.compile_unet:
+            # in place (nn.Module.compile): parameter names, and so checkpoints, stay the same
+            unet.compile(mode=self.compile_mode, dynamic=False)

@@ -9,9 +9,14 @@ import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sdft.adapters.export import run_metadata
 from sdft.module import AdapterFineTuner, check_checkpoint
+from sdft.perf import FastPath
+from sdft.sweep import check_trainer_fits_sweep
 
 log = logging.getLogger(__name__)
 RUN_ARTIFACTS = ("checkpoints", "pytorch_lora_weights.safetensors", "split.json", "csv", "previews")
@@ -52,13 +57,37 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return cfg.ckpt_path
 
 
+def merge_accumulation(cfg: DictConfig, fast_path: FastPath) -> None:
+    """batch b x accumulation k -> one micro-batch of b*k on the GPU: the same effective
+    batch and gradient (the mean over b*k samples) in k times fewer, fuller steps."""
+    k = cfg.trainer.accumulate_grad_batches
+    on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    if fast_path.merge_accumulation and k > 1 and (on_gpu or fast_path.force):
+        with open_dict(cfg):
+            cfg.data.batch_size = cfg.data.batch_size * k
+            cfg.trainer.accumulate_grad_batches = 1
+        log.info("fast path: micro-batch %d without accumulation", cfg.data.batch_size)
+
+
+def finish_wandb(trainer: L.Trainer) -> None:
+    """Close this run's W&B run, failed or not: the next run in this process (a sweep's next
+    trial, an evaluation) must start its own rather than log into this one."""
+    if trainer.is_global_zero and any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
 def run(cfg: DictConfig) -> dict:
     """Train an adapter as `cfg` says; return the run's output paths and final metrics."""
     out = Path(cfg.paths.output_dir)
-    check_fresh_output_dir(out)
+    if rank_zero_only.rank == 0:  # DDP ranks > 0 start after rank 0 has written here
+        check_fresh_output_dir(out)
     ckpt_path = resolve_ckpt_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
+    fast_path = build(cfg.perf)
+    merge_accumulation(cfg, fast_path)
     # cheap checks first: the data is validated before any model is loaded
     datamodule: L.LightningDataModule = build(cfg.data)
     datamodule.setup("fit")
@@ -66,12 +95,15 @@ def run(cfg: DictConfig) -> dict:
 
     log.info("loading base model %s", cfg.model.get("pretrained", cfg.model.get("arch")))
     pipeline = build(cfg.model)
+    if hasattr(datamodule, "prepare_cache"):  # data.cache=true: encoded once, inside fit
+        datamodule.prepare_cache(pipeline)
     module = AdapterFineTuner(
         pipeline=pipeline,
         method=method,
         optimizer=build(cfg.optim),
         lr_scheduler=build(cfg.lr_scheduler),
         seed=cfg.seed,
+        fast_path=fast_path,
     )
     if ckpt_path:
         meta = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("sdft")
@@ -80,14 +112,19 @@ def run(cfg: DictConfig) -> dict:
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c]
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers)
+    check_trainer_fits_sweep(trainer)
 
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         datamodule.save_split(out)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-
-    files = module.save_adapter(out) if trainer.is_global_zero else []
+        for lg in trainer.loggers:  # the whole config of each run (each sweep trial) in W&B
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        files = module.save_adapter(out, run_metadata(cfg, out)) if trainer.is_global_zero else []
+    finally:
+        finish_wandb(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         print(f"\nsdft: outputs in {out}")

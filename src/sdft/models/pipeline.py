@@ -4,6 +4,7 @@ GPU benchmarks)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def build_random_pipeline(
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
+        tokenizer=copy.deepcopy(clip_tokenizer()),  # its own: textual inversion adds tokens
         unet=unet,
         scheduler=sd_noise_scheduler(prediction_type),
         safety_checker=None,
