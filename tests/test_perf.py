@@ -65,3 +65,18 @@ def test_merge_accumulation_keeps_the_effective_batch(make_cfg):
     cfg = make_cfg("data.batch_size=8", "trainer.accumulate_grad_batches=4")
     merge_accumulation(cfg, FastPath(merge_accumulation=True))  # CPU, not forced: unchanged
     assert (cfg.data.batch_size, cfg.trainer.accumulate_grad_batches) == (8, 4)
+
+
+def test_profiler_kernels_writes_a_table_of_the_profiled_steps(make_cfg, tmp_path):
+    from sdft.train import run
+
+    cfg = make_cfg(
+        "profiler=kernels",
+        "profiler.schedule.skip_first=1",
+        "profiler.schedule.warmup=1",
+        "profiler.schedule.active=2",
+        "callbacks.preview=null",
+    )
+    run(cfg)
+    table = (tmp_path / "run" / "fit-profile.txt").read_text()
+    assert "aten::convolution" in table and "Self CPU" in table

@@ -111,7 +111,8 @@ def run(cfg: DictConfig) -> dict:
 
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c]
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg]
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers)
+    profiler = build(cfg.profiler) if cfg.get("profiler") else None
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers, profiler=profiler)
     check_trainer_fits_sweep(trainer)
 
     if trainer.is_global_zero:
