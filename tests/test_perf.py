@@ -4,6 +4,7 @@ import time
 
 import hydra
 import torch
+from torch._dynamo.utils import counters
 
 from sdft.models import build_random_pipeline
 from sdft.module import AdapterFineTuner
@@ -56,6 +57,25 @@ def test_fast_path_gives_the_same_loss_and_gradients_as_the_plain_path(make_cfg)
         torch.testing.assert_close(fast_grads[n], ref_grads[n], rtol=1e-3, atol=1e-6)
     # names (hence checkpoints) are unchanged by the in-place compile
     assert set(fast.state_dict()) == set(plain.state_dict())
+
+
+def test_other_batch_sizes_run_eagerly_without_a_second_compile(make_cfg):
+    cfg = make_cfg()
+    plain, batch = module_and_batch(cfg)
+    fast, _ = module_and_batch(cfg)
+    fast.fast_path = FastPath(compile_unet=True, channels_last=True, force=True)  # as above: cached
+    fast.fast_path.apply(fast.unet, fast.device)
+    with fast.compile_stance(4):  # the training micro-batch: compiled
+        loss_and_grads(fast, batch)
+    graphs = counters["stats"]["unique_graphs"]
+    last = {"pixel_values": batch["pixel_values"][:3], "caption": batch["caption"][:3]}
+    with fast.compile_stance(3):  # the epoch's last, smaller batch: eager, no recompile
+        fast_loss, fast_grads = loss_and_grads(fast, last)
+    assert counters["stats"]["unique_graphs"] == graphs
+    ref_loss, ref_grads = loss_and_grads(plain, last)
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n in ref_grads:
+        torch.testing.assert_close(fast_grads[n], ref_grads[n], rtol=1e-3, atol=1e-6)
 
 
 def test_merge_accumulation_keeps_the_effective_batch(make_cfg):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,8 @@ class AdapterFineTuner(L.LightningModule):
             super().configure_gradient_clipping(optimizer, val, algo)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch, self.step_generator(batch_idx))
+        with self.compile_stance(len(batch["caption"])):
+            loss = self.diffusion_loss(batch, self.step_generator(batch_idx))
         mean = self.mean_over_ranks(loss)
         self.check_finite(mean, batch_idx)
         self.log("train/loss", mean, prog_bar=True, batch_size=len(batch["caption"]))
@@ -250,6 +252,18 @@ class AdapterFineTuner(L.LightningModule):
         return ready * batch_size * self.trainer.world_size
 
     # -- inference -------------------------------------------------------------------
+    def compile_stance(self, batch_size: int | None = None) -> contextlib.AbstractContextManager:
+        """The compiled UNet for the training micro-batch, eager for any other shape."""
+        if self.fast_path is None:
+            return contextlib.nullcontext()
+        return self.fast_path.stance(batch_size)
+
+    @contextlib.contextmanager
+    def inference_context(self) -> Iterator[None]:
+        """For sampling during fit: the trainer's autocast, and an eager UNet (see FastPath)."""
+        with self.trainer.precision_plugin.forward_context(), self.compile_stance():
+            yield
+
     def inference_pipeline(self) -> StableDiffusionPipeline:
         """The trained pipeline with DPM++ 2M, sharing this module's weights."""
         return StableDiffusionPipeline(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -107,6 +108,8 @@ class FastPath:
         self.merge_accumulation = merge_accumulation  # batch 8 x 4 -> one micro-batch of 32
         self.compile_mode = compile_mode
         self.force = force
+        self.compiled = False
+        self._batch_size: int | None = None  # the shape the UNet is compiled for
 
     def active(self, device: torch.device) -> bool:
         return device.type == "cuda" or self.force
@@ -124,3 +127,17 @@ class FastPath:
         if self.compile_unet:
             # in place (nn.Module.compile): parameter names, and so checkpoints, stay the same
             unet.compile(mode=self.compile_mode, dynamic=False)
+            self.compiled = True
+
+    def stance(self, batch_size: int | None = None) -> contextlib.AbstractContextManager:
+        """Run the compiled UNet for the training micro-batch (the first size seen) and any
+        other shape eagerly: the epoch's last, smaller batch (1400 = 43 x 32 + 24) and sampling
+        (previews, the scale sweep) would each cost a compile of minutes on the GPU, for a few
+        calls; eager computes the same. `batch_size=None`: always eager (inference)."""
+        if not self.compiled:
+            return contextlib.nullcontext()
+        if batch_size is not None:
+            self._batch_size = self._batch_size or batch_size
+            if batch_size == self._batch_size:
+                return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager")

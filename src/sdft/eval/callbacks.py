@@ -40,7 +40,7 @@ class PreviewGrid(L.Callback):
         images = []
         was_training = module.training
         module.eval()
-        with trainer.precision_plugin.forward_context():
+        with module.inference_context():
             for prompt in self.prompts:
                 gens = [torch.Generator(module.device).manual_seed(s) for s in self.seeds]
                 images += pipe(

@@ -359,7 +359,7 @@ class ScaleSweepEvaluator(L.Callback):
                 rank=trainer.global_rank,
                 world=trainer.world_size,
                 gather=trainer.strategy.all_gather,
-                context=trainer.precision_plugin.forward_context,
+                context=module.inference_context,
             )
         finally:
             module.train(was_training)
