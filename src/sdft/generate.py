@@ -125,7 +125,7 @@ def load_embedding(pipe: StableDiffusionPipeline, path: str | Path) -> str:
     if not is_embedding(tensors):
         raise ValueError(f"embeddings: {path} is not a textual-inversion file (an adapter?)")
     token = path.stem if "emb_params" in tensors else next(iter(tensors))
-    pipe.load_textual_inversion(str(path), token=token)
+    pipe.load_textual_inversion(tensors, token=token)  # the state dict, not a second read
     return token
 
 

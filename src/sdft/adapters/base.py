@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline
 from peft import PeftConfig
 
 from sdft.adapters import export
-from sdft.adapters.layers import adapter_layers
+from sdft.adapters.layers import ADAPTER_PARAMS, adapter_layers
 from sdft.adapters.load import init_from_file
 
 ATTENTION_LAYERS = {"all": "attn1|attn2", "cross": "attn2", "self": "attn1"}
@@ -24,7 +24,6 @@ ATTENTION_LAYERS = {"all": "attn1|attn2", "cross": "attn2", "self": "attn1"}
 # 3x3 kernels take the conv rank; the 1x1 conv_shortcut takes the linear rank, as in kohya.
 CONV_LAYERS = r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut)|(downsamplers|upsamplers)\.0\.conv)"
 CONV_3X3 = r"resnets\.\d+\.(conv1|conv2)|(downsamplers|upsamplers)\.0\.conv"
-ADAPTER_PARAMS = ("lora_", "hada_", "lokr_")
 
 
 def check_rank(key: str, value: object) -> None:
@@ -66,7 +65,7 @@ class PeftMethod(ABC):
         self.alpha = float(alpha if alpha is not None else rank)
         self.conv_rank = conv_rank
         self.conv_alpha = float(conv_alpha if conv_alpha is not None else conv_rank or 1)
-        self.init_weights, self.save_dtype, self.output_name = init_weights, save_dtype, output_name
+        self.init_weights, self.output_name = init_weights, output_name
         names = "|".join(re.escape(m) for m in target_modules)
         attn = rf".*\.({ATTENTION_LAYERS[attention]})\.({names})"
         self.target_regex = target_regex or (

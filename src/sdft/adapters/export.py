@@ -11,7 +11,6 @@ rule that readers apply.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -58,11 +57,9 @@ def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     hash) and `sshs_legacy_hash`, computed on the bytes the file will hold."""
     data = save(tensors, metadata)
     header_len = int.from_bytes(data[:8], "little")
-    legacy = io.BytesIO(data)
-    legacy.seek(0x100000)
     return {
         "sshs_model_hash": hashlib.sha256(data[8 + header_len :]).hexdigest(),
-        "sshs_legacy_hash": hashlib.sha256(legacy.read(0x10000)).hexdigest()[:8],
+        "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],
     }
 
 

@@ -26,6 +26,8 @@ FACTORS = {
 }
 # peft's parameter names for the same factors (LyCORIS names are peft's, except LoRA's)
 PEFT_NAMES = {"lora_down": "lora_A", "lora_up": "lora_B"}
+LYCORIS_NAMES = {v: k for k, v in PEFT_NAMES.items()}
+ADAPTER_PARAMS = ("lora_", "hada_", "lokr_")  # what peft's adapter parameter names start with
 
 
 def kind_of(suffix: str) -> str | None:
@@ -110,16 +112,20 @@ class LayerWeights:
         return self.delta().reshape(weight.shape)
 
 
+def peft_factor(layer: BaseTunerLayer, factor: str, adapter: str) -> torch.Tensor:
+    """The tensor of a peft layer's factor, named as LyCORIS names it."""
+    value = getattr(layer, PEFT_NAMES.get(factor, factor))[adapter]
+    return value.weight if isinstance(value, torch.nn.Module) else value
+
+
 def peft_layer_weights(layer: BaseTunerLayer, adapter: str) -> LayerWeights:
     """A trained peft LoRA / LoHa / LoKr layer's factors under LyCORIS names, with the alpha
     that makes a reader's alpha / rank equal to the layer's scaling."""
     kind = {"lora_A": "lora", "hada_w1_a": "loha", "lokr_w1": "lokr"}[layer.adapter_layer_names[0]]
     tensors = {}
     for name in FACTORS[kind]:
-        store = getattr(layer, PEFT_NAMES.get(name, name))
-        if adapter in store:
-            value = store[adapter]
-            tensors[name] = (value.weight if isinstance(value, torch.nn.Module) else value).detach()
+        if adapter in getattr(layer, PEFT_NAMES.get(name, name)):
+            tensors[name] = peft_factor(layer, name, adapter).detach()
     weights = LayerWeights(kind, tensors)
     scaling = float(layer.scaling[adapter])
     if weights.rank is None:  # full LoKr factors: readers apply no scale, so bake it into w1

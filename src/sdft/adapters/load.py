@@ -26,7 +26,14 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from sdft.adapters.layers import PEFT_NAMES, LayerWeights, kind_of, peft_layer_weights
+from sdft.adapters.layers import (
+    ADAPTER_PARAMS,
+    LYCORIS_NAMES,
+    LayerWeights,
+    kind_of,
+    peft_factor,
+    peft_layer_weights,
+)
 
 COMPONENTS = ("unet", "text_encoder")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
@@ -72,7 +79,7 @@ def module_paths(model: nn.Module) -> set[str]:
     out = set()
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear | nn.Conv2d) and not any(
-            part.startswith(("lora_", "hada_", "lokr_")) for part in name.split(".")
+            part.startswith(ADAPTER_PARAMS) for part in name.split(".")
         ):
             out.add(name.replace(".base_layer", ""))
     return out
@@ -136,6 +143,7 @@ def _read_diffusers(adapter: AdapterFile, tensors: dict) -> None:
         cfg = {
             k[len(component) + 1 :]: v for k, v in config.items() if k.startswith(component + ".")
         }
+        alpha_pattern = cfg.get("alpha_pattern") or {}
         alphas = {k.removesuffix(".alpha"): float(v) for k, v in sd.items() if k.endswith(".alpha")}
         by_path: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in sd.items():
@@ -143,15 +151,15 @@ def _read_diffusers(adapter: AdapterFile, tensors: dict) -> None:
             path, factor = (m[1], m[2]) if m[1] else (m[3], m[4])
             if factor == "alpha":
                 continue
-            factor = {"lora_A": "lora_down", "lora_B": "lora_up"}.get(factor, factor)
+            factor = LYCORIS_NAMES.get(factor, factor)
             if kind_of(factor) is None:
                 raise ValueError(f"{adapter.path}: unsupported key {component}.{key}")
             by_path.setdefault(path, {})[factor] = t
         for path, parts in by_path.items():
             alpha = alphas.get(path)
             if alpha is None and "lora_alpha" in cfg:
-                pattern = get_pattern_key(list(cfg.get("alpha_pattern") or {}), path)
-                alpha = float((cfg.get("alpha_pattern") or {}).get(pattern, cfg["lora_alpha"]))
+                pattern = get_pattern_key(list(alpha_pattern), path)
+                alpha = float(alpha_pattern.get(pattern, cfg["lora_alpha"]))
             adapter.layers[(component, path)] = LayerWeights(
                 kind_of(next(iter(parts))), parts, alpha
             )
@@ -279,13 +287,9 @@ def init_from_file(
             )
             continue
         for factor, t in lw.tensors.items():
-            store = getattr(layer, PEFT_NAMES.get(factor, factor))["default"]
-            (store.weight if isinstance(store, nn.Module) else store).copy_(t)
+            peft_factor(layer, factor, "default").copy_(t)
         first = next(iter(lw.tensors))  # the update is linear in each factor: rescale one
-        store = getattr(layer, PEFT_NAMES.get(first, first))["default"]
-        (store.weight if isinstance(store, nn.Module) else store).mul_(
-            lw.scale / layer.scaling["default"]
-        )
+        peft_factor(layer, first, "default").mul_(lw.scale / layer.scaling["default"])
     if problems:
         raise AdapterMismatchError(
             f"method.init_weights={str(path)!r} does not fit method={method} "

@@ -86,7 +86,7 @@ class LoRAMethod(PeftMethod):
         return {"unet": pipe.unet, **te}
 
     def add_adapters(self, pipe: StableDiffusionPipeline) -> None:
-        pipe.unet.add_adapter(self.lora_config(), adapter_name=self.adapter_name)
+        super().add_adapters(pipe)
         if self.train_text_encoder:
             pipe.text_encoder.add_adapter(
                 self.text_encoder_config(), adapter_name=self.adapter_name

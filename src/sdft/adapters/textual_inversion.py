@@ -96,7 +96,6 @@ class TextualInversionMethod:
             raise FileNotFoundError(f"method.init_weights={init_weights!r}: no such file")
         self.placeholder, self.initializer, self.num_vectors = placeholder, initializer, num_vectors
         self.init_weights, self.output_name = init_weights, output_name
-        self.save_dtype = save_dtype
         self.save_torch_dtype = export.check_save_dtype(save_dtype)
 
     @property
