@@ -4,8 +4,10 @@ its cache depends on in `cache_signature()`."""
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import nullcontext
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -15,6 +17,16 @@ from sdft.data.cache import build_or_load
 from sdft.data.sampler import SeededEpochSampler
 
 log = logging.getLogger(__name__)
+
+
+def write_split(out_dir: str | Path, record: dict) -> Path:
+    """Write `record` as `<out_dir>/split.json`, atomically (a reader sees all or nothing)."""
+    out = Path(out_dir) / "split.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(out)
+    return out
 
 
 class CachingDataModule(L.LightningDataModule):

@@ -112,12 +112,11 @@ class _ShardWriter:
     """Rows of one array written straight into a .npy file (allocated at the first write)."""
 
     def __init__(self, path: Path, rows: int):
-        self.path, self.rows, self.array, self.bf16 = path, rows, None, False
+        self.path, self.rows, self.array = path, rows, None
 
     def write(self, row: int, values: torch.Tensor) -> None:  # values: (n, ...)
         if self.array is None:
-            self.bf16 = values.dtype == torch.bfloat16
-            if self.bf16:
+            if values.dtype == torch.bfloat16:  # the reader knows the dtype by this name
                 self.path = self.path.with_suffix(".bf16.npy")
             a = _to_numpy(values[:1])
             self.array = np.lib.format.open_memmap(

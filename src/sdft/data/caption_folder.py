@@ -30,7 +30,7 @@ import torch
 from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from torch.utils.data import Dataset
 
-from sdft.data.base import CachingDataModule
+from sdft.data.base import CachingDataModule, write_split
 from sdft.data.buckets import make_buckets, nearest_bucket, resize_and_crop
 from sdft.data.checks import BadSamples, check_on_bad_sample
 from sdft.data.sampler import BucketBatchSampler, SeededEpochSampler
@@ -42,6 +42,16 @@ DECODE = datasets.Image(mode="RGB")
 
 def decode(path: str):
     return DECODE.decode_example({"path": path, "bytes": None})
+
+
+def load_pixels(
+    path: str, size: tuple[int, int], rng: random.Random | None, flip: bool
+) -> torch.Tensor:
+    """The image at `path` resized and cropped to `size` (see `resize_and_crop`), mirrored
+    if `flip`, as (3, H, W) in [-1, 1]."""
+    image = resize_and_crop(decode(path), size, rng)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return x.flip(-1) if flip else x
 
 
 class CaptionFolderDataset(Dataset):
@@ -61,8 +71,6 @@ class CaptionFolderDataset(Dataset):
         suffix: str = "",
         dropout: float = 0.0,
     ):
-        features = datasets.Features({"image": DECODE})
-        self.table = datasets.Dataset.from_dict({"image": images}, features=features)
         self.images, self.captions, self.sizes = images, captions, sizes
         self.seed, self.crop = seed, crop
         self.prefix, self.suffix, self.dropout = prefix, suffix, dropout
@@ -91,11 +99,8 @@ class CaptionFolderDataset(Dataset):
     def __getitem__(self, key: tuple) -> dict:
         i, flip = key[0], key[1]
         rng = self._rng("crop", key) if self.crop == "random" else None
-        image = resize_and_crop(self.table[i]["image"], self.sizes[i], rng)
-        x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
-        if flip:
-            x = x.flip(-1)
-        return {"pixel_values": x, "caption": self.caption(key)}  # (3, H, W) in [-1, 1]
+        x = load_pixels(self.images[i], self.sizes[i], rng, flip)  # (3, H, W) in [-1, 1]
+        return {"pixel_values": x, "caption": self.caption(key)}
 
 
 class CaptionFolderDataModule(CachingDataModule):
@@ -147,8 +152,10 @@ class CaptionFolderDataModule(CachingDataModule):
     # -- reading captions --------------------------------------------------------------
     def _source(self) -> str:
         hp = self.hparams
-        if hp.caption is not None or hp.caption_source != "auto":
-            return "fixed" if hp.caption is not None else hp.caption_source
+        if hp.caption is not None:
+            return "fixed"
+        if hp.caption_source != "auto":
+            return hp.caption_source
         if any(self.path.rglob("metadata.jsonl")):
             return "metadata"
         if any(self.path.rglob("*.txt")):
@@ -291,14 +298,9 @@ class CaptionFolderDataModule(CachingDataModule):
     def save_split(self, out_dir: str | Path) -> Path:
         """Write which images this run trains on (and how many were skipped)."""
         assert self.dataset is not None, "call setup() first"
-        out = Path(out_dir) / "split.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
         images = [os.path.relpath(p, self.path) for p in self.dataset.images]
         record = {"path": str(self.path), "images": images, "skipped": self.skipped}
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(out)
-        return out
+        return write_split(out_dir, record)
 
     def cache_signature(self) -> dict:
         hp = self.hparams

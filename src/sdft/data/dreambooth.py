@@ -21,14 +21,13 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from diffusers import StableDiffusionPipeline
 from torch.utils.data import DataLoader, Dataset
 
-from sdft.data.buckets import resize_and_crop
-from sdft.data.caption_folder import decode
+from sdft.data.base import write_split
+from sdft.data.caption_folder import decode, load_pixels
 from sdft.data.checks import BadSamples
 from sdft.data.sampler import SeededEpochSampler
 
@@ -51,11 +50,10 @@ class PromptImages(Dataset):
         return len(self.images)
 
     def item(self, i: int, flip: bool, crop_seed: str) -> dict:
-        image = decode(str(self.images[i]))
         rng = None if self.center_crop else random.Random(f"{crop_seed}/{i}")  # str: stable
-        image = resize_and_crop(image, (self.resolution, self.resolution), rng)
-        x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"pixel_values": x.flip(-1) if flip else x, "caption": self.prompt}
+        size = (self.resolution, self.resolution)
+        x = load_pixels(str(self.images[i]), size, rng, flip)  # (3, R, R) in [-1, 1]
+        return {"pixel_values": x, "caption": self.prompt}
 
 
 class DreamBoothDataset(Dataset):
@@ -172,12 +170,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             "class_prompt": hp.class_prompt,
             "num_class_images": hp.num_class_images,
         }
-        out = Path(out_dir) / "split.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(split, indent=1))
-        tmp.replace(out)
-        return out
+        return write_split(out_dir, split)
 
     # -- class images: generated once by the base model -------------------------------
     def class_image_dir(self, pipe: StableDiffusionPipeline) -> Path:

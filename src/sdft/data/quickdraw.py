@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from sdft.data.base import CachingDataModule
+from sdft.data.base import CachingDataModule, write_split
 from sdft.data.checks import BadSampleError, BadSamples, check_on_bad_sample
 from sdft.data.strokes import BITMAP_SIDE, BITMAP_STROKE, check_strokes, render_strokes
 
@@ -36,6 +36,7 @@ class Drawing:
     source: Path
     index: int  # row of the .npy file, or line number (1-based) of the .ndjson file
     key: str  # the dataset's key_id for ndjson, "<file>:<row>" for bitmaps
+    strokes: list | None = field(default=None, repr=False)  # ndjson: parsed once, in setup
 
 
 class QuickDrawDataset(Dataset):
@@ -55,7 +56,6 @@ class QuickDrawDataset(Dataset):
         self.render = render
         self.stroke_width = stroke_width
         self._bitmaps: dict[Path, np.ndarray] = {}
-        self._lines: dict[Path, list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.drawings)
@@ -77,12 +77,9 @@ class QuickDrawDataset(Dataset):
             if d.source not in self._bitmaps:
                 self._bitmaps[d.source] = np.load(d.source, mmap_mode="r")
             return np.asarray(self._bitmaps[d.source][d.index]).reshape(BITMAP_SIDE, BITMAP_SIDE)
-        if d.source not in self._lines:
-            self._lines[d.source] = d.source.read_text(encoding="utf-8").splitlines()
-        strokes = json.loads(self._lines[d.source][d.index - 1])["drawing"]
         if self.render == "strokes":
-            return render_strokes(strokes, self.resolution, self.stroke_width)
-        return render_strokes(strokes, BITMAP_SIDE, BITMAP_STROKE)
+            return render_strokes(d.strokes, self.resolution, self.stroke_width)
+        return render_strokes(d.strokes, BITMAP_SIDE, BITMAP_STROKE)
 
     def __getitem__(self, key: tuple | int) -> dict:
         i, flip = key[:2] if isinstance(key, tuple) else (key, False)
@@ -145,20 +142,25 @@ class QuickDrawDataModule(CachingDataModule):
             )
         return files
 
-    def _count(self, f: Path) -> int:
-        """Drawings in a category file; a file that is wrong as a whole stops the run."""
-        if f.suffix == ".npy":
-            try:
-                arr = np.load(f, mmap_mode="r")
-            except (ValueError, OSError) as e:
-                raise BadSampleError(f"{f}: not a readable .npy bitmap file ({e})") from None
-            if arr.ndim != 2 or arr.shape[1] != BITMAP_SIDE**2 or arr.dtype != np.uint8:
-                raise BadSampleError(
-                    f"{f}: expected a (N, 784) uint8 bitmap array, got {arr.shape} {arr.dtype}"
-                )
-            return arr.shape[0]
+    @staticmethod
+    def _count_bitmaps(f: Path) -> int:
+        """Drawings in a .npy file; a file that is wrong as a whole stops the run."""
         try:
-            return sum(1 for line in f.open(encoding="utf-8") if line.strip())
+            arr = np.load(f, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise BadSampleError(f"{f}: not a readable .npy bitmap file ({e})") from None
+        if arr.ndim != 2 or arr.shape[1] != BITMAP_SIDE**2 or arr.dtype != np.uint8:
+            raise BadSampleError(
+                f"{f}: expected a (N, 784) uint8 bitmap array, got {arr.shape} {arr.dtype}"
+            )
+        return arr.shape[0]
+
+    @staticmethod
+    def _read_lines(f: Path) -> list[str]:
+        """The lines of an .ndjson file; a file that is not UTF-8 stops the run."""
+        try:
+            with f.open(encoding="utf-8") as lines:
+                return list(lines)
         except UnicodeDecodeError as e:
             raise BadSampleError(f"{f}: not a UTF-8 ndjson file ({e})") from None
 
@@ -187,7 +189,12 @@ class QuickDrawDataModule(CachingDataModule):
 
     def _pick(self, category: str, f: Path, rng: random.Random, bad: BadSamples) -> list[Drawing]:
         """`per_category` drawings of a category, each checked; bad ones go to `bad`."""
-        n = self._count(f)
+        if f.suffix == ".npy":
+            n = self._count_bitmaps(f)
+        else:  # read once: counted, then the chosen lines parsed and checked
+            lines = self._read_lines(f)
+            numbered = [k for k, line in enumerate(lines, 1) if line.strip()]
+            n = len(numbered)
         if self.hparams.per_category > n:
             raise ValueError(
                 f"data.per_category={self.hparams.per_category} but category {category!r} has "
@@ -196,18 +203,17 @@ class QuickDrawDataModule(CachingDataModule):
         rows = sorted(rng.sample(range(n), self.hparams.per_category))
         if f.suffix == ".npy":
             return [Drawing(category, f, r, f"{f.name}:{r}") for r in rows]
-        lines = f.read_text(encoding="utf-8").splitlines()
-        numbered = [n for n, line in enumerate(lines, 1) if line.strip()]
         out = []
         for r in rows:
             line = numbered[r]
             try:
                 obj = json.loads(lines[line - 1])
-                check_strokes(obj)
+                strokes = check_strokes(obj)
             except (json.JSONDecodeError, ValueError, TypeError) as e:
                 bad.add(f"{f}:{line}: malformed drawing ({e})")
                 continue
-            out.append(Drawing(category, f, line, str(obj.get("key_id", f"{f.name}:{line}"))))
+            key = str(obj.get("key_id", f"{f.name}:{line}"))
+            out.append(Drawing(category, f, line, key, strokes))
         return out
 
     # -- Lightning hooks ---------------------------------------------------------------
@@ -258,12 +264,7 @@ class QuickDrawDataModule(CachingDataModule):
     def save_split(self, out_dir: str | Path) -> Path:
         """Write the category split beside the run's outputs, so evaluation reuses it."""
         assert self.split is not None, "call setup() first"
-        out = Path(out_dir) / "split.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.split, indent=1))
-        tmp.replace(out)
-        return out
+        return write_split(out_dir, self.split)
 
     def cache_signature(self) -> dict:
         hp = self.hparams

@@ -3,6 +3,7 @@ gives the same batches on any machine, under DDP, and after a resume mid-epoch."
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -56,10 +57,9 @@ class SeededEpochSampler(Sampler[tuple]):
     def epoch_draws(self) -> tuple[list[int], list[bool]]:
         """This epoch's order over all samples (every rank) and each sample's flip."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=g) if self.shuffle else None
-        flips = torch.rand(self.num_samples, generator=g) < 0.5
-        if order is None:
-            order = torch.arange(self.num_samples)
+        n = self.num_samples  # randperm before rand: arange draws nothing from g
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        flips = torch.rand(n, generator=g) < 0.5
         return order.tolist(), [self.flip and f for f in flips.tolist()]
 
     def key(self, i: int, flip: bool) -> tuple:
@@ -98,19 +98,15 @@ class BucketBatchSampler(Sampler[list[tuple]]):
         self.batch_size = batch_size
         self.sampler = SeededEpochSampler(len(buckets), seed, flip=flip, with_epoch=with_epoch)
         self._skip = 0  # batches of this rank's share already trained
+        # each bucket's samples make ceil(n / batch_size) batches (the last may be smaller)
+        self.num_batches = sum(-(-n // batch_size) for n in Counter(self.buckets).values())
 
     def skip_next(self, num_samples: int) -> None:
         """Start the next iteration `num_samples` (whole batches) into this rank's share."""
         self._skip = num_samples // self.batch_size
 
-    def _num_batches(self) -> int:
-        sizes: dict[int, int] = {}
-        for b in self.buckets:
-            sizes[b] = sizes.get(b, 0) + 1
-        return sum(-(-n // self.batch_size) for n in sizes.values())
-
     def __len__(self) -> int:
-        return -(-self._num_batches() // world()[1])
+        return -(-self.num_batches // world()[1])
 
     def epoch_batches(self) -> list[list[tuple]]:
         """All ranks' batches of this epoch, in training order."""
