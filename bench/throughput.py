@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_SAMPLE = 1.78e12  # SD1.5 UNet forward + backward with LoRA at 512 px
 PEAK_FLOPS = 800e12  # achievable dense bf16 on an H100
@@ -190,14 +192,7 @@ def run_sdft(
         for row in csv.DictReader(f):
             if row.get("train/loss"):
                 g.write(f"{row['step']},{row['train/loss']}\n")
-    cfg = (out / "config.yaml").read_text()
-    micro = int(
-        next(
-            line.split(":")[1]
-            for line in cfg.splitlines()
-            if line.strip().startswith("batch_size:")
-        )
-    )
+    micro = OmegaConf.load(out / "config.yaml").data.batch_size  # after merge_accumulation
     return {
         **perf,
         "wall_s": wall,

@@ -16,6 +16,12 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from sdft.perf import FastPath
 
 
+def micro_batch_size(loader: torch.utils.data.DataLoader) -> int:
+    """Samples per batch of a loader, also when a batch sampler (aspect-ratio buckets) makes
+    its batches."""
+    return loader.batch_size or loader.batch_sampler.batch_size
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint made with another method or base model than the current config."""
 
@@ -217,11 +223,11 @@ class AdapterFineTuner(L.LightningModule):
             sampler = getattr(loader, "sampler", None)
         if fit_loop.restarted_mid_epoch and hasattr(sampler, "skip_next"):
             progress = fit_loop.epoch_loop.batch_progress.current  # counted before the save
-            batch_size, world = loader.batch_size or sampler.batch_size, self.trainer.world_size
+            batch_size, world = micro_batch_size(loader), self.trainer.world_size
             # the epoch's samples that all ranks together trained before the save, as the
             # checkpoint says: it may come from another number of GPUs or batch size
             seen = getattr(self, "_resumed_epoch_samples", None)
-            seen = progress.ready * batch_size * world if seen is None else seen
+            seen = self.epoch_samples_done() if seen is None else seen
             # ranks take the epoch's order round-robin, so the seen samples are its prefix
             mine = seen // world
             sampler.skip_next(mine)
@@ -247,9 +253,8 @@ class AdapterFineTuner(L.LightningModule):
         loader = self.trainer.train_dataloader
         if loader is None:
             return 0
-        batch_size = loader.batch_size or loader.batch_sampler.batch_size
         ready = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return ready * batch_size * self.trainer.world_size
+        return ready * micro_batch_size(loader) * self.trainer.world_size
 
     # -- inference -------------------------------------------------------------------
     def compile_stance(self, batch_size: int | None = None) -> contextlib.AbstractContextManager:

@@ -22,7 +22,6 @@ class SpeedMonitor(L.Callback):
         self.out_file = out_file
         self.print_every_n_steps = print_every_n_steps  # >0: a progress line (logs, no bar)
         self._t0: float | None = None
-        self._step0 = 0
         self._samples = 0
         self._printed = -1
 
@@ -45,7 +44,7 @@ class SpeedMonitor(L.Callback):
         if self._t0 is None:
             if step >= self.warmup_steps:
                 self._sync(module)
-                self._t0, self._step0, self._samples = time.perf_counter(), step, 0
+                self._t0, self._samples = time.perf_counter(), 0
             return
         self._samples += len(batch["caption"]) * trainer.world_size
 
