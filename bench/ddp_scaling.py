@@ -98,8 +98,9 @@ def read_losses(path: Path) -> dict[int, float]:
     the mean over both ranks)."""
     if not path.is_file():
         return {}
-    rows = csv.DictReader(open(path))
-    return {int(r["step"]) + 1: float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    with open(path, newline="") as f:
+        rows = csv.DictReader(f)
+        return {int(r["step"]) + 1: float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
 def mean(xs: list[float]) -> float:

@@ -18,7 +18,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +109,19 @@ def group_wandb_runs(cfg: DictConfig, hc: DictConfig) -> None:
     wandb.name = f"{cfg.task_name}-{hc.job.num}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    # summaries are rewritten by parallel trials (SLURM): readers see an old or a new file
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A private temporary file to write, then moved onto `path` in one step: summaries are
+    rewritten by parallel trials (SLURM), and readers see an old or a new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{time.monotonic_ns()}.tmp")
-    tmp.write_text(text)
+    yield tmp
     tmp.replace(path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 # -- the sweep's summary -----------------------------------------------------------------
@@ -194,11 +202,10 @@ def write_summary(sweep_dir: str | Path, metric: str, direction: str, declared=(
     rows = summary_rows(trials, metric, keys)
 
     csv_path = sweep_dir / "summary.csv"
-    with open(csv_path.with_name(".summary.csv.tmp"), "w", newline="") as f:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    csv_path.with_name(".summary.csv.tmp").replace(csv_path)
 
     failed = sum(t["status"] != "completed" for t in trials)
     shown = [c for c in rows[0] if c != "overrides"]
@@ -250,9 +257,8 @@ def plot_summary(trials, metric: str, direction: str, keys: list[str], out: Path
     fig.suptitle(
         f"{metric} ({direction}): {len(done)} trials" + f", {failed} failed" * bool(failed)
     )
-    tmp = out.with_name(".summary.png.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     return True
 
 

@@ -100,9 +100,9 @@ def run(cfg: DictConfig) -> dict:
     evaluator.load_models()
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else default_dtype
     pipe, step = load_adapter_pipeline(cfg)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe.to(device)
     if dtype != pipe.dtype:
         pipe.to(dtype=dtype)

@@ -93,12 +93,10 @@ def write_table(columns: list[str], rows: list[list[float]], stem: Path) -> list
 
 def plot_over_scale(result: SweepResult, stem: str, title: str, ylabel: str, path: Path) -> Path:
     """One line (mean, with a +-1 std band) per category group; the reference as dashes."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, no window
 
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     x = result.scales
     for (group, suffix), color in zip(GROUPS.items(), ("tab:blue", "tab:orange"), strict=True):
         if stem + suffix not in result.rows[0]:
@@ -119,7 +117,6 @@ def plot_over_scale(result: SweepResult, stem: str, title: str, ylabel: str, pat
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -247,8 +247,10 @@ class ScaleSweepEvaluator(L.Callback):
                 pipe, items, mine, names, gt_feats, keep, context
             )
             total = len(items)
-            scores = gather_by_index(scores, mine, total, gather, world, pipe.device)
-            cosines = gather_by_index(cosines, mine, total, gather, world, pipe.device)
+            # both numbers of each image in one gather: (total, 2)
+            per_image = torch.stack([scores, cosines], dim=1)
+            per_image = gather_by_index(per_image, mine, total, gather, world, pipe.device)
+            scores, cosines = per_image.unbind(1)
             mine_grid = sorted(keep)
             if mine_grid:
                 local = torch.stack([kept[i] for i in mine_grid])
