@@ -35,7 +35,7 @@ from sdft.adapters.load import (
     merge_adapter,
     read_safetensors,
 )
-from sdft.eval.callbacks import image_grid
+from sdft.eval.grids import image_grid
 
 log = logging.getLogger(__name__)
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^>]*))?>")
