@@ -9,6 +9,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# torch's own order of the SDPA kernels; `perf.attention` moves one to the front
+TORCH_ORDER = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.OVERRIDEABLE,
+]
+ATTENTION_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
 
 
 class SpeedMonitor(L.Callback):
@@ -54,6 +69,7 @@ class SpeedMonitor(L.Callback):
         self._sync(module)
         seconds = time.perf_counter() - self._t0
         out = {
+            "steps_done": module.trainer.global_step,  # fewer than max_steps after max_time
             "samples_per_s": self._samples / seconds,
             "timed_samples": self._samples,
             "timed_seconds": seconds,
@@ -98,6 +114,7 @@ class FastPath:
         gradient_checkpointing: bool = False,
         merge_accumulation: bool = True,
         compile_mode: str | None = None,
+        attention: str | None = None,
         force: bool = False,
     ):
         self.compile_unet = compile_unet  # inductor kernels; first steps pay the compile
@@ -106,6 +123,14 @@ class FastPath:
         self.gradient_checkpointing = gradient_checkpointing  # less memory, ~25% slower
         self.merge_accumulation = merge_accumulation  # batch 8 x 4 -> one micro-batch of 32
         self.compile_mode = compile_mode
+        # the SDPA kernel tried first: "cudnn" (cuDNN's fused attention, fast on Hopper),
+        # "flash", "efficient"; null keeps torch's order. Shapes a backend cannot take
+        # (SD1.5's head dim 160 for cuDNN) fall through to the next one.
+        if attention is not None and attention not in ATTENTION_BACKENDS:
+            names = list(ATTENTION_BACKENDS)
+            raise ValueError(f"perf.attention: {attention!r} is not one of {names} or null")
+        self.attention = attention
+        self.attention_order: contextlib.AbstractContextManager | None = None
         self.force = force
         self.compiled = False
         self._batch_size: int | None = None  # the shape the UNet is compiled for
@@ -116,6 +141,14 @@ class FastPath:
     def apply(self, unet: torch.nn.Module, device: torch.device) -> None:
         if not self.active(device):
             return
+        if self.attention:
+            # for the whole process, as tf32: backward, and gradient checkpointing's
+            # recompute in it, must pick the kernel the forward picked
+            first = ATTENTION_BACKENDS[self.attention]
+            order = [first, *(b for b in TORCH_ORDER if b != first)]
+            # held here: a dropped context manager would restore torch's order when collected
+            self.attention_order = sdpa_kernel(order, set_priority=True)
+            self.attention_order.__enter__()
         if self.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
