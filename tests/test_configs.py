@@ -82,3 +82,28 @@ def test_unknown_config_key_is_rejected_by_name(make_cfg):
         make_cfg("data.no_such_key=1")
     with pytest.raises(ConfigCompositionException, match="nope"):
         make_cfg("method=nope")
+
+
+@pytest.mark.parametrize("optim", GROUPS["optim"])
+@pytest.mark.parametrize("schedule", GROUPS["lr_scheduler"])
+def test_every_optimiser_and_schedule_builds_under_the_scribble_experiment(
+    make_cfg, optim, schedule
+):
+    # the experiment's overrides must not assume one optimiser (optim.fused broke adamw8bit)
+    cfg = make_cfg("+experiment=scribble", f"optim={optim}", f"lr_scheduler={schedule}")
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = hydra.utils.instantiate(cfg.optim)([param])
+    scheduler = hydra.utils.instantiate(cfg.lr_scheduler)(
+        optimizer=optimizer, num_training_steps=10
+    )
+    lrs = []
+    for _ in range(5):
+        param.sum().backward()
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert param.detach().lt(1).all()  # it trained
+    if schedule == "constant":
+        assert lrs == [cfg.optim.lr] * 5
+    else:
+        assert lrs == sorted(lrs, reverse=True) and lrs[-1] < cfg.optim.lr

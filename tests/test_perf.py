@@ -3,12 +3,14 @@
 import time
 
 import hydra
+import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch.nn.attention import SDPBackend
 
 from sdft.models import build_random_pipeline
 from sdft.module import AdapterFineTuner
-from sdft.perf import FastPath
+from sdft.perf import TORCH_ORDER, FastPath
 from sdft.train import merge_accumulation
 
 
@@ -96,7 +98,36 @@ def test_profiler_kernels_writes_a_table_of_the_profiled_steps(make_cfg, tmp_pat
         "profiler.schedule.warmup=1",
         "profiler.schedule.active=2",
         "callbacks.preview=null",
+        "perf.force=true",  # the compiled UNet, as on the GPU
     )
+    graphs = counters["stats"]["unique_graphs"]
     run(cfg)
     table = (tmp_path / "run" / "fit-profile.txt").read_text()
     assert "aten::convolution" in table and "Self CPU" in table
+    # the profiler must not split the compiled UNet (per-module hooks made ~170 graphs)
+    assert counters["stats"]["unique_graphs"] - graphs <= 1
+
+
+def test_attention_option_puts_its_kernel_first_for_forward_and_backward_alike(make_cfg):
+    cfg = make_cfg()
+    plain, batch = module_and_batch(cfg)
+    fast, _ = module_and_batch(cfg)
+    assert torch._C._get_sdp_priority_order() == [int(b) for b in TORCH_ORDER]
+    fast_path = FastPath(
+        compile_unet=False, gradient_checkpointing=True, attention="cudnn", force=True
+    )
+    try:
+        # checkpointing recomputes the forward inside backward: the same kernel must run there
+        fast_path.apply(fast.unet, fast.device)
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+        # on the CPU cuDNN cannot run: SDPA falls through to the next kernel, same numbers
+        fast_loss, fast_grads = loss_and_grads(fast, batch)
+    finally:
+        fast_path.attention_order.__exit__(None, None, None)
+    assert torch._C._get_sdp_priority_order() == [int(b) for b in TORCH_ORDER]
+    ref_loss, ref_grads = loss_and_grads(plain, batch)
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n in ref_grads:
+        torch.testing.assert_close(fast_grads[n], ref_grads[n], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="perf.attention: 'cudn'"):
+        FastPath(attention="cudn")

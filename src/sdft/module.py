@@ -91,7 +91,7 @@ class AdapterFineTuner(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.make_optimizer(params)
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.make_lr_scheduler(optimizer, num_training_steps=total)
+        scheduler = self.make_lr_scheduler(optimizer=optimizer, num_training_steps=total)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
