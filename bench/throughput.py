@@ -29,24 +29,33 @@ FLOP_PER_SAMPLE = 1.78e12  # SD1.5 UNet forward + backward with LoRA at 512 px
 PEAK_FLOPS = 800e12  # achievable dense bf16 on an H100
 PEER = ROOT / ".peer" / "diffusers_train_text_to_image_lora.py"
 
-# name -> train.py overrides (on top of +experiment=scribble and the shared base ones)
-VARIANTS = {
+# A variant is a base and `+options`, e.g. "fast+cudnn+profile": train.py overrides on top
+# of +experiment=scribble and the shared base ones.
+BASES = {
     "plain": ["perf=off", "optim.fused=false"],  # what the peer does: no cache, 8 x 4, eager
     "cache": ["perf=off", "optim.fused=false", "data.cache=true"],
-    "cache+mb32": [
-        "perf=off",
-        "optim.fused=false",
-        "data.cache=true",
-        "perf.merge_accumulation=true",
-    ],
-    "cache+mb32+compile": ["data.cache=true", "perf.channels_last=false", "optim.fused=false"],
+    "fast-eager-nocache": ["perf.compile_unet=false"],  # micro-batch 32 etc.; VAE every step
     "fast-eager": ["data.cache=true", "perf.compile_unet=false"],  # all but compile
     "fast-nocache": [],  # compile, micro-batch 32, channels_last, fused; VAE every step
-    "fast": ["data.cache=true"],  # the default GPU path: all of the above + channels_last, fused
-    "fast+profile": ["data.cache=true", "profiler=kernels"],  # + where 5 steps' time goes
-    "fast+grad_ckpt": ["data.cache=true", "perf.gradient_checkpointing=true"],
-    "fast+adamw8bit": ["data.cache=true", "optim=adamw8bit"],
+    "fast": ["data.cache=true"],  # the default GPU path
 }
+OPTIONS = {
+    "cudnn": ["perf.attention=cudnn"],  # cuDNN's fused attention first
+    "mb8": ["perf.merge_accumulation=false"],  # micro-batch 8 x 4, as the peer
+    "grad_ckpt": ["perf.gradient_checkpointing=true"],
+    "adamw8bit": ["optim=adamw8bit"],
+    # the kernel table of 5 steps, profiled inside the warm-up (compiled: 50 steps), so
+    # the timed steps stay unprofiled
+    "profile": ["profiler=kernels", "profiler.schedule.skip_first=20"],
+    "constlr": ["lr_scheduler=constant"],  # runs of different lengths share the LR curve
+}
+
+
+def overrides(name: str) -> list[str]:
+    base, *options = name.split("+")
+    if base not in BASES or not set(options) <= OPTIONS.keys():
+        raise SystemExit(f"unknown variant {name!r}: a base of {list(BASES)} + {list(OPTIONS)}")
+    return BASES[base] + [o for opt in options for o in OPTIONS[opt]]
 
 
 def sh(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None) -> float:
@@ -94,12 +103,16 @@ def prepare(work: Path, arch: str = "sd15", resolution: int = 512) -> tuple[Path
     dm.setup("fit")
     folder = work / "imagefolder"
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "metadata.jsonl").open("w") as meta:
+    done = folder / "metadata.jsonl"
+    if done.is_file() and len(done.read_text().splitlines()) == len(dm.dataset):
+        return model_dir, folder, work  # rendered by an earlier call on this machine
+    with (folder / "metadata.jsonl.part").open("w") as meta:
         for i in range(len(dm.dataset)):
             item = dm.dataset[(i, False)]
             x = ((item["pixel_values"] * 0.5 + 0.5).clamp(0, 1) * 255).round().byte()
             Image.fromarray(x.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
             meta.write(json.dumps({"file_name": f"{i:05d}.png", "text": item["caption"]}) + "\n")
+    (folder / "metadata.jsonl.part").replace(done)
     return model_dir, folder, work
 
 
@@ -143,7 +156,7 @@ def run_peer(model_dir: Path, folder: Path, work: Path, steps: int, warmup: int)
 
 
 def compiles(name: str) -> bool:
-    return not {"perf=off", "perf.compile_unet=false"} & set(VARIANTS[name])
+    return not {"perf=off", "perf.compile_unet=false"} & set(overrides(name))
 
 
 def run_sdft(
@@ -174,15 +187,14 @@ def run_sdft(
         "callbacks.speed.print_every_n_steps=25",
         "trainer.log_every_n_steps=5",
         f"hydra.run.dir={out}",
-        *VARIANTS[name],
+        *overrides(name),
         *extra,
     ]
     env = {**os.environ, "WANDB_MODE": "offline"}
     wall = sh(cmd, out_dir / f"sdft_{name}.log", env, timeout)
     perf = json.loads((out / "perf.json").read_text())
-    built = re.search(
-        r"latent cache: built .* in ([0-9.]+) s", (out_dir / f"sdft_{name}.log").read_text()
-    )
+    log = (out_dir / f"sdft_{name}.log").read_text()
+    built = re.search(r"latent cache: built .* in ([0-9.]+) s", log)
     profile = out / "fit-profile.txt"
     if profile.is_file():  # profiler=kernels: the kernel table, beside the numbers
         shutil.copy(profile, out_dir / f"profile_{name.replace('+', '_')}.txt")
@@ -197,8 +209,9 @@ def run_sdft(
         **perf,
         "wall_s": wall,
         "micro_batch": micro,
-        "steps": steps,
+        "steps": steps,  # asked for; perf.json's steps_done: trained (max_time stops early)
         "cache_build_s": float(built.group(1)) if built else None,
+        "cache_reused": "latent cache: reusing" in log,
         "run_dir": str(out),
         "loss_csv": losses.name,
     }
@@ -207,6 +220,9 @@ def run_sdft(
 def main_run(args: argparse.Namespace) -> None:
     import torch
 
+    names = args.variants.split(",")
+    for name in names:
+        overrides(name)  # a typo stops here, not after the peer's minutes
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
@@ -223,9 +239,11 @@ def main_run(args: argparse.Namespace) -> None:
             model_dir, folder, work, args.peer_steps, args.warmup
         )
         print("peer", results["rows"]["diffusers example"], flush=True)
-    for name in args.variants.split(","):
+    for name in names:
         steps = args.steps.get(name, args.default_steps)
-        extra = args.extra.split() if args.extra else []
+        extra = [f"data.resolution={args.resolution}", *args.extra.split()]
+        if name in args.max_time:  # a graceful stop: the numbers so far are kept
+            extra.append(f"+trainer.max_time={args.max_time[name]}")
         # compiled runs: warm up past both compiles (full micro-batch, the epoch's last one)
         warmup = args.warmup_compiled if compiles(name) else args.warmup
         try:
@@ -242,6 +260,17 @@ def main_run(args: argparse.Namespace) -> None:
 PAPER_SAMPLES = 140_000  # the paper's recipe: 2000 drawings x 70 epochs
 
 
+def steps_done(row: dict) -> int:
+    """Optimiser steps a run trained: perf.json's count, else (older runs) the last step of
+    its loss curve, else the steps it asked for."""
+    if "steps_done" in row:
+        return row["steps_done"]
+    path = Path(row.get("loss_path", "-"))
+    if path.is_file():
+        return max(int(x["step"]) for x in csv.DictReader(path.open())) + 1
+    return row.get("steps", row.get("timed_steps", 0))
+
+
 def table(results: dict) -> str:
     rows = results["rows"]
     peer = rows.get("diffusers example", {}).get("samples_per_s")
@@ -252,9 +281,13 @@ def table(results: dict) -> str:
         "cache build | paper recipe (projected) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    # a run that reused the cache pays its build in the projection all the same
+    built = max((r.get("cache_build_s") or 0 for r in rows.values()), default=0)
     for name, r in rows.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'].splitlines()[-1][:80]} |||||||")
+            said = r["error"].splitlines()  # the exception's line, not Hydra's epilogue
+            said = next((x for x in said[::-1] if re.match(r"[\w.]+Error", x)), said[-1])
+            lines.append(f"| {name} | failed: {said[:100]} |||||||")
             continue
         sps = r["samples_per_s"]
         ratio = f"{sps / peer:.2f}x" if peer else "-"
@@ -262,9 +295,10 @@ def table(results: dict) -> str:
         timed = r.get("timed_seconds")
         timed = f"{timed:.0f} s" if timed else f"{r.get('timed_steps', '?')} steps"
         cache = f"{r['cache_build_s']:.0f} s" if r.get("cache_build_s") else "-"
+        cache = "(reused)" if r.get("cache_reused") else cache
         # the run's own wall time (load, cache, compile, warm-up) + the rest at steady state
-        done = 32 * r.get("steps", r.get("timed_steps", 0))
-        projected = (r["wall_s"] + max(PAPER_SAMPLES - done, 0) / sps) / 60
+        once = r["wall_s"] + (built if r.get("cache_reused") else 0)
+        projected = (once + max(PAPER_SAMPLES - 32 * steps_done(r), 0) / sps) / 60
         lines.append(
             f"| {name} | {r['micro_batch']} | {sps:.1f} | {ratio} | {mfu:.1%} | "
             f"{r.get('peak_mem_gb', 0):.1f} | {timed} | {cache} | {projected:.1f} min |"
@@ -272,8 +306,29 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_losses(results: dict, folder: Path, png: Path) -> None:
-    """Training loss by optimiser step of every sdft row (smoothed over 10 steps)."""
+def merge(paths: list[str]) -> dict:
+    """The rows of several `run` calls on one machine, as one table; each row keeps the
+    path of its loss curve."""
+    merged: dict = {"rows": {}, "commands": []}
+    for path in map(Path, paths):
+        results = json.loads(path.read_text())
+        if merged.setdefault("device", results["device"]) != results["device"]:
+            raise SystemExit(f"{path}: ran on {results['device']}, not {merged['device']}")
+        merged.setdefault("date", results["date"])
+        merged["commands"].append(results["command"])
+        for name, row in results["rows"].items():
+            if row.get("loss_csv"):
+                row["loss_path"] = str(path.parent / row["loss_csv"])
+            log = path.parent / f"{name.replace(' ', '_')}.log"  # runs before cache_reused
+            if "cache_reused" not in row and log.is_file():
+                row["cache_reused"] = "latent cache: reusing" in log.read_text()
+            merged["rows"][name] = row
+    merged["command"] = "`, then `".join(merged["commands"])
+    return merged
+
+
+def plot_losses(results: dict, png: Path, rows: list[str] | None, max_step: int | None) -> None:
+    """Training loss by optimiser step of the sdft rows (smoothed over 10 steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,16 +336,15 @@ def plot_losses(results: dict, folder: Path, png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in results["rows"].items():
-        path = folder / r.get("loss_csv", "-")
-        if not path.is_file():
+        path = Path(r.get("loss_path", "-"))
+        if not path.is_file() or (rows and name not in rows):
             continue
-        rows = list(csv.DictReader(path.open()))
-        steps = [int(x["step"]) for x in rows]
-        loss = [float(x["loss"]) for x in rows]
-        k = 10
+        points = [(int(x["step"]), float(x["loss"])) for x in csv.DictReader(path.open())]
+        points = [p for p in points if max_step is None or p[0] <= max_step]
+        loss, k = [p[1] for p in points], 10
         smooth = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1])
                   for i in range(len(loss))]  # fmt: skip
-        ax.plot(steps, smooth, label=name)
+        ax.plot([p[0] for p in points], smooth, label=name)
     ax.set_xlabel("optimiser step (32 samples)")
     ax.set_ylabel("train loss (10-step mean)")
     ax.legend()
@@ -308,6 +362,7 @@ def main() -> None:
     r.add_argument("--peer-steps", type=int, default=60)
     r.add_argument("--default-steps", type=int, default=60)
     r.add_argument("--steps", type=json.loads, default={}, help='{"fast": 600}')
+    r.add_argument("--max-time", type=json.loads, default={}, help='{"fast": "00:00:07:00"}')
     r.add_argument("--warmup", type=int, default=10)
     r.add_argument("--warmup-compiled", type=int, default=50)
     r.add_argument("--timeout", type=float, default=None, help="seconds per sdft run")
@@ -315,17 +370,20 @@ def main() -> None:
     r.add_argument("--resolution", type=int, default=512)
     r.add_argument("--extra", default="", help="more train.py overrides, space separated")
     rep = sub.add_parser("report")
-    rep.add_argument("json")
+    rep.add_argument("json", nargs="+", help="throughput.json of one or more runs")
     rep.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     rep.add_argument("--plot", help="a PNG of the loss curves of the sdft rows")
+    rep.add_argument("--plot-rows", help="only these rows, comma separated")
+    rep.add_argument("--plot-steps", type=int, help="only the first N steps")
     args = p.parse_args()
     if args.cmd == "run":
         main_run(args)
     else:
-        results = json.loads(Path(args.json).read_text())
+        results = merge(args.json)
         text = table(results)
         if args.plot:
-            plot_losses(results, Path(args.json).parent, Path(args.plot))
+            rows = args.plot_rows.split(",") if args.plot_rows else None
+            plot_losses(results, Path(args.plot), rows, args.plot_steps)
         with open(args.results, "a") as f:
             f.write("\n" + text + "\n")
         print(text)
