@@ -198,6 +198,7 @@ def test_wandb_offline_run_of_the_evaluation_holds_tables_plots_and_grids(paper)
         (logged,) = history[f"{key}/filenames"]
         expected = Image.open(eval_dir / png).convert("RGB")
         assert Image.open(files / logged).convert("RGB").tobytes() == expected.tobytes(), key
+    assert not [k for k in history if k.startswith("eval/figure/grid_")]  # logged once
 
     # the scalars, at the adapter's training step
     for name, value in paper["metrics"].items():

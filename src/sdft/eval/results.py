@@ -185,4 +185,6 @@ def _log_wandb(result: SweepResult, logger: WandbLogger, step: int, figures: lis
     for group, grid in result.grids.items():  # one key each: W&B wants one size per key
         logger.log_image(f"eval/grid/{group}", [grid], step=step, caption=[LABELS[group]])
     for path in figures:
+        if path.stem.startswith("grid_"):  # logged just above as eval/grid/<group>
+            continue
         logger.log_image(f"eval/figure/{path.stem}", [Image.open(path).convert("RGB")], step=step)
