@@ -41,6 +41,7 @@ BASES = {
 }
 OPTIONS = {
     "cudnn": ["perf.attention=cudnn"],  # cuDNN's fused attention first
+    "convbench": ["perf.cudnn_benchmark=true"],  # cuDNN times the convolution algorithms
     "mb8": ["perf.merge_accumulation=false"],  # micro-batch 8 x 4, as the peer
     "grad_ckpt": ["perf.gradient_checkpointing=true"],
     "adamw8bit": ["optim=adamw8bit"],

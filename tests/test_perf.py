@@ -108,22 +108,28 @@ def test_profiler_kernels_writes_a_table_of_the_profiled_steps(make_cfg, tmp_pat
     assert counters["stats"]["unique_graphs"] - graphs <= 1
 
 
-def test_attention_option_puts_its_kernel_first_for_forward_and_backward_alike(make_cfg):
+def test_attention_and_cudnn_options_compute_the_same_in_forward_and_backward(make_cfg):
     cfg = make_cfg()
     plain, batch = module_and_batch(cfg)
     fast, _ = module_and_batch(cfg)
     assert torch._C._get_sdp_priority_order() == [int(b) for b in TORCH_ORDER]
     fast_path = FastPath(
-        compile_unet=False, gradient_checkpointing=True, attention="cudnn", force=True
+        compile_unet=False,
+        gradient_checkpointing=True,
+        attention="cudnn",
+        cudnn_benchmark=True,
+        force=True,
     )
     try:
         # checkpointing recomputes the forward inside backward: the same kernel must run there
         fast_path.apply(fast.unet, fast.device)
         assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+        assert torch.backends.cudnn.benchmark
         # on the CPU cuDNN cannot run: SDPA falls through to the next kernel, same numbers
         fast_loss, fast_grads = loss_and_grads(fast, batch)
     finally:
         fast_path.attention_order.__exit__(None, None, None)
+        torch.backends.cudnn.benchmark = False
     assert torch._C._get_sdp_priority_order() == [int(b) for b in TORCH_ORDER]
     ref_loss, ref_grads = loss_and_grads(plain, batch)
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-6)

@@ -115,6 +115,7 @@ class FastPath:
         merge_accumulation: bool = True,
         compile_mode: str | None = None,
         attention: str | None = None,
+        cudnn_benchmark: bool = False,
         force: bool = False,
     ):
         self.compile_unet = compile_unet  # inductor kernels; first steps pay the compile
@@ -131,6 +132,9 @@ class FastPath:
             raise ValueError(f"perf.attention: {attention!r} is not one of {names} or null")
         self.attention = attention
         self.attention_order: contextlib.AbstractContextManager | None = None
+        # cuDNN times its convolution algorithms on the first call of each shape and keeps the
+        # fastest: the shapes here never change (cached latents, one micro-batch)
+        self.cudnn_benchmark = cudnn_benchmark
         self.force = force
         self.compiled = False
         self._batch_size: int | None = None  # the shape the UNet is compiled for
@@ -149,6 +153,8 @@ class FastPath:
             # held here: a dropped context manager would restore torch's order when collected
             self.attention_order = sdpa_kernel(order, set_priority=True)
             self.attention_order.__enter__()
+        if self.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         if self.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
