@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-KERNELS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-}
+from sdft.perf import ATTENTION_BACKENDS as KERNELS
+from sdft.perf import TORCH_ORDER
+
+# the kernels in the order torch tries them, after the one `perf.attention` puts first
+FALLBACK = [name for b in TORCH_ORDER for name, k in KERNELS.items() if k == b]
 # (query tokens, key tokens, head dim, blocks of SD1.5's UNet with this shape)
 SHAPES = [
     (4096, 4096, 40, 5), (4096, 77, 40, 5),
@@ -98,7 +98,7 @@ def unet_ms(rows: list[dict], first: str | None) -> float:
     """Attention time of one UNet forward + backward with `first` tried first."""
     total = 0.0
     for r in rows:
-        order = ([first] if first else []) + ["flash", "efficient", "cudnn"]
+        order = ([first] if first else []) + FALLBACK
         ok = [k for k in order if isinstance(r[f"{k}_ms"], float) and r[f"{k}_err"] < 2e-2]
         total += r["count"] * r[f"{ok[0]}_ms"]
     return total

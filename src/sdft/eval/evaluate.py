@@ -111,7 +111,7 @@ def run(cfg: DictConfig) -> dict:
     result = evaluator.evaluate(pipe, datamodule)
     files = write_results(result, out)
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg]
-    log_results(result, loggers, step, [f for f in files if f.suffix == ".png"])
+    log_results(result, loggers, step, files)
     for lg in loggers:
         lg.finalize("success")
         if isinstance(lg, WandbLogger):

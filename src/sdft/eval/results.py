@@ -154,9 +154,12 @@ def append_history(path: Path, step: int, metrics: dict[str, float]) -> None:
 
 
 def log_results(
-    result: SweepResult, loggers: list[Logger], step: int, figures: list[Path] = ()
+    result: SweepResult, loggers: list[Logger], step: int, files: list[Path] = ()
 ) -> None:
-    """Scalars to every logger; the table, line plots, grids and `figures` (PNG) to W&B."""
+    """Scalars to every logger; the table, line plots, grids and the PNG plots among `files`
+    (what `write_results` wrote) to W&B."""
+    # the grids' PNGs are not logged again: the grids go from memory, as eval/grid/<group>
+    figures = [f for f in files if f.suffix == ".png" and not f.stem.startswith("grid_")]
     metrics = {k: v for k, v in result.metrics().items() if math.isfinite(v)}
     for logger in loggers:
         logger.log_metrics(metrics, step=step)
@@ -185,6 +188,4 @@ def _log_wandb(result: SweepResult, logger: WandbLogger, step: int, figures: lis
     for group, grid in result.grids.items():  # one key each: W&B wants one size per key
         logger.log_image(f"eval/grid/{group}", [grid], step=step, caption=[LABELS[group]])
     for path in figures:
-        if path.stem.startswith("grid_"):  # logged just above as eval/grid/<group>
-            continue
         logger.log_image(f"eval/figure/{path.stem}", [Image.open(path).convert("RGB")], step=step)

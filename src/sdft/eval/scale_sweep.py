@@ -373,7 +373,7 @@ class ScaleSweepEvaluator(L.Callback):
         if trainer.is_global_zero:
             files = write_results(result, self.out_dir / f"step_{step:06d}")
             append_history(self.out_dir / "history.csv", step, metrics)
-            log_results(result, trainer.loggers, step, [f for f in files if f.suffix == ".png"])
+            log_results(result, trainer.loggers, step, files)
             log.info(
                 "scale sweep at step %d: best scale %s, image cosine %.4f (%d images, %.1f s)",
                 step, metrics["eval/best_scale"], metrics["eval/clip_img_cos_best"],
