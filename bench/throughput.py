@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import kernels  # bench/kernels.py, beside this file
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +49,14 @@ OPTIONS = {
     "adamw8bit": ["optim=adamw8bit"],
     # the kernel table of 5 steps, profiled inside the warm-up (compiled: 50 steps), so
     # the timed steps stay unprofiled
-    "profile": ["profiler=kernels", "profiler.schedule.skip_first=20"],
+    "profile": [
+        "profiler=kernels",
+        "profiler.schedule.skip_first=20",
+        "profiler.export_to_chrome=true",  # bench/kernels.py sums its kernels by kind
+    ],
+    "mm1x1": ["+perf.inductor.conv_1x1_as_mm=true"],  # inductor: 1x1 convolutions as matmuls
+    "cdtune": ["+perf.inductor.coordinate_descent_tuning=true"],  # tunes kernels (longer compile)
+    "cast": ["perf.adapter_input_cast=true"],  # peft's bf16 -> fp32 -> bf16 input round trip
     "constlr": ["lr_scheduler=constant"],  # runs of different lengths share the LR curve
 }
 
@@ -199,6 +208,17 @@ def run_sdft(
     profile = out / "fit-profile.txt"
     if profile.is_file():  # profiler=kernels: the kernel table, beside the numbers
         shutil.copy(profile, out_dir / f"profile_{name.replace('+', '_')}.txt")
+    for trace in out.glob("*.pt.trace.json"):  # where the GPU's time goes, by kernel kind
+        stem = out_dir / f"kernels_{name.replace('+', '_')}"
+        try:
+            summary = kernels.summarize(kernels.load(trace))
+        except ValueError as e:  # a CPU run has no device kernels
+            print(f"{trace}: {e}", flush=True)
+            continue
+        stem.with_suffix(".md").write_text(kernels.markdown(summary) + "\n")
+        stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+        with trace.open("rb") as f, gzip.open(f"{stem}.trace.json.gz", "wb") as g:
+            shutil.copyfileobj(f, g)
     losses = out_dir / f"loss_{name.replace('+', '_')}.csv"
     with (out / "csv" / "metrics.csv").open() as f, losses.open("w") as g:
         g.write("step,loss\n")
@@ -287,7 +307,7 @@ def table(results: dict) -> str:
     for name, r in rows.items():
         if "error" in r:
             said = r["error"].splitlines()  # the exception's line, not Hydra's epilogue
-            said = next((x for x in said[::-1] if re.match(r"[\w.]+Error", x)), said[-1])
+            said = next((x for x in said[::-1] if re.search(r"\w(Error|Exception)\b", x)), said[-1])
             lines.append(f"| {name} | failed: {said[:100]} |||||||")
             continue
         sps = r["samples_per_s"]

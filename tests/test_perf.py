@@ -137,3 +137,35 @@ def test_attention_and_cudnn_options_compute_the_same_in_forward_and_backward(ma
         torch.testing.assert_close(fast_grads[n], ref_grads[n], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="perf.attention: 'cudn'"):
         FastPath(attention="cudn")
+
+
+def test_skipping_the_adapter_input_cast_under_autocast_changes_no_number(make_cfg):
+    cfg = make_cfg()
+    modules = [module_and_batch(cfg) for _ in range(2)]
+    batch = modules[0][1]
+    results = []
+    for (module, _), cast in zip(modules, (True, False), strict=True):
+        for p in module.unet.parameters():  # frozen weights in bf16, the adapter fp32: setup
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+        fast_path = FastPath(compile_unet=False, adapter_input_cast=cast, force=True)
+        fast_path.apply(module.unet, module.device, mixed_precision=True)
+        flags = {m.cast_input_dtype_enabled for m in module.unet.modules() if hasattr(m, "lora_A")}
+        assert flags == {cast}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(loss_and_grads(module, batch))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert torch.equal(loss, ref_loss)  # bf16 -> fp32 -> bf16 is exact: the same bits
+    for n in ref_grads:
+        assert torch.equal(grads[n], ref_grads[n]), n
+
+
+def test_inductor_settings_are_checked_by_name_and_set_for_the_compile(make_cfg):
+    from torch._inductor import config
+
+    with pytest.raises(ValueError, match="perf.inductor.conv_1x1_as_matmul"):
+        FastPath(inductor={"conv_1x1_as_matmul": True})
+    module, _ = module_and_batch(make_cfg())
+    with config.patch(conv_1x1_as_mm=False):
+        FastPath(inductor={"conv_1x1_as_mm": True}, force=True).apply(module.unet, module.device)
+        assert config.conv_1x1_as_mm

@@ -77,7 +77,8 @@ class AdapterFineTuner(L.LightningModule):
         precision = str(self.trainer.precision)
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
         if self.fast_path is not None:  # the module is still on the CPU here: ask the strategy
-            self.fast_path.apply(self.unet, self.trainer.strategy.root_device)
+            mixed = precision.endswith("-mixed")  # autocast: it casts the adapter's inputs
+            self.fast_path.apply(self.unet, self.trainer.strategy.root_device, mixed)
         if dtype is None:
             return
         for module in (self.unet, self.vae, self.text_encoder):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch._inductor import config as inductor_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # torch's own order of the SDPA kernels; `perf.attention` moves one to the front
@@ -114,8 +116,10 @@ class FastPath:
         gradient_checkpointing: bool = False,
         merge_accumulation: bool = True,
         compile_mode: str | None = None,
+        inductor: dict | None = None,
         attention: str | None = None,
         cudnn_benchmark: bool = False,
+        adapter_input_cast: bool = True,
         force: bool = False,
     ):
         self.compile_unet = compile_unet  # inductor kernels; first steps pay the compile
@@ -124,6 +128,11 @@ class FastPath:
         self.gradient_checkpointing = gradient_checkpointing  # less memory, ~25% slower
         self.merge_accumulation = merge_accumulation  # batch 8 x 4 -> one micro-batch of 32
         self.compile_mode = compile_mode
+        # torch._inductor.config settings for the UNet's compile, e.g. conv_1x1_as_mm
+        self.inductor = dict(inductor or {})
+        for key in self.inductor:
+            if not hasattr(inductor_config, key):
+                raise ValueError(f"perf.inductor.{key}: not a torch._inductor.config setting")
         # the SDPA kernel tried first: "cudnn" (cuDNN's fused attention, fast on Hopper),
         # "flash", "efficient"; null keeps torch's order. Shapes a backend cannot take
         # (SD1.5's head dim 160 for cuDNN) fall through to the next one.
@@ -135,6 +144,10 @@ class FastPath:
         # cuDNN times its convolution algorithms on the first call of each shape and keeps the
         # fastest: the shapes here never change (cached latents, one micro-batch)
         self.cudnn_benchmark = cudnn_benchmark
+        # peft casts each adapter layer's input to the adapter's dtype (fp32) and, under
+        # mixed precision, autocast casts it straight back to bf16 for the matmul: two
+        # activation-sized copies per adapted layer, and their backward, for the same numbers
+        self.adapter_input_cast = adapter_input_cast
         self.force = force
         self.compiled = False
         self._batch_size: int | None = None  # the shape the UNet is compiled for
@@ -142,9 +155,15 @@ class FastPath:
     def active(self, device: torch.device) -> bool:
         return device.type == "cuda" or self.force
 
-    def apply(self, unet: torch.nn.Module, device: torch.device) -> None:
+    def apply(
+        self, unet: torch.nn.Module, device: torch.device, mixed_precision: bool = False
+    ) -> None:
         if not self.active(device):
             return
+        if not self.adapter_input_cast and mixed_precision:  # without autocast, dtypes differ
+            for layer in unet.modules():
+                if isinstance(layer, BaseTunerLayer):
+                    layer.cast_input_dtype_enabled = False
         if self.attention:
             # for the whole process, as tf32: backward, and gradient checkpointing's
             # recompute in it, must pick the kernel the forward picked
@@ -163,6 +182,8 @@ class FastPath:
         if self.channels_last:
             unet.to(memory_format=torch.channels_last)
         if self.compile_unet:
+            for key, value in self.inductor.items():  # for the process, as tf32
+                setattr(inductor_config, key, value)
             # in place (nn.Module.compile): parameter names, and so checkpoints, stay the same
             unet.compile(mode=self.compile_mode, dynamic=False)
             self.compiled = True
