@@ -5,7 +5,9 @@
 Sums the device kernels (and copies) of the profiled steps by kind - attention, convolution,
 matmul, inductor's fused kernels, torch's own elementwise kernels, the optimiser, layout
 changes, copies - per step, and how long the GPU sat idle between them: a step whose kernels
-take less time than the step itself is waiting on the CPU (launches, Python, data).
+take less time than the step itself is waiting on the CPU (launches, Python, data). Torch's
+own elementwise kernels in a compiled step ran outside inductor's fused code: for those, the
+operators that launched them (innermost first) say where they come from.
 `+profile` rows of `bench/throughput.py` write this beside their numbers.
 """
 
@@ -54,8 +56,29 @@ def union_us(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+def launchers(events: list[dict]) -> dict[int, str]:
+    """The operators (innermost first) around each kernel launch, by correlation id: a sweep
+    over each thread's nested operator spans."""
+    marks = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "cuda_runtime")]
+    marks.sort(key=lambda e: (e["tid"], float(e["ts"]), -float(e.get("dur", 0))))
+    out: dict[int, str] = {}
+    stack: list[dict] = []
+    for e in marks:
+        while stack and (
+            stack[-1]["tid"] != e["tid"]
+            or float(stack[-1]["ts"]) + float(stack[-1]["dur"]) < float(e["ts"])
+        ):
+            stack.pop()
+        if e["cat"] == "cpu_op":
+            stack.append(e)
+        elif "correlation" in e.get("args", {}):
+            out[e["args"]["correlation"]] = " < ".join(o["name"] for o in stack[::-1][:4])
+    return out
+
+
 def summarize(events: list[dict]) -> dict:
-    steps = sum(1 for e in events if str(e.get("name", "")).startswith("ProfilerStep#"))
+    # a CUDA trace marks each step twice, on the CPU's timeline and on the GPU's
+    steps = len({e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")})
     kernels = [e for e in events if e.get("cat") in DEVICE_CATS and e.get("ph") == "X"]
     if not kernels or not steps:
         raise ValueError("no device kernels or no ProfilerStep# in this trace (a CPU run?)")
@@ -71,6 +94,12 @@ def summarize(events: list[dict]) -> dict:
         n[1] += 1
     ms = 1e-3 / steps  # us over all steps -> ms per step
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    called_by = launchers(events)
+    eager: dict[str, float] = {}
+    for e in kernels:
+        if kind_of(e["name"]) == "elementwise (eager)":
+            who = called_by.get(e.get("args", {}).get("correlation"), "?")
+            eager[who] = eager.get(who, 0.0) + float(e["dur"])
     return {
         "steps": steps,
         "step_ms": span * ms,  # first kernel to last kernel, per step
@@ -79,6 +108,9 @@ def summarize(events: list[dict]) -> dict:
         "kernels_per_step": len(kernels) / steps,
         "kinds_ms": {k: v * ms for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "top": [{"name": k, "ms": v[0] * ms, "calls": v[1] / steps} for k, v in top],
+        "eager_elementwise_by_operator_ms": {
+            k: v * ms for k, v in sorted(eager.items(), key=lambda kv: -kv[1])[:8]
+        },
     }
 
 
@@ -96,6 +128,9 @@ def markdown(s: dict) -> str:
     lines += ["", "| top kernels | ms per step | calls per step |", "|---|---|---|"]
     for t in s["top"]:
         lines.append(f"| `{t['name'][:90]}` | {t['ms']:.2f} | {t['calls']:.0f} |")
+    lines += ["", "| eager elementwise kernels, launched in | ms per step |", "|---|---|"]
+    for who, v in s["eager_elementwise_by_operator_ms"].items():
+        lines.append(f"| `{who}` | {v:.2f} |")
     return "\n".join(lines)
 
 

@@ -86,9 +86,11 @@ def sh(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None
     return time.perf_counter() - start
 
 
-def prepare(work: Path, arch: str = "sd15", resolution: int = 512) -> tuple[Path, Path, Path]:
+def prepare(
+    work: Path, arch: str = "sd15", resolution: int = 512, render: bool = True
+) -> tuple[Path, Path, Path]:
     """Save the SD1.5-shaped random pipeline (for the peer and for sdft alike) and render
-    the scribble split's training drawings into an imagefolder for the peer."""
+    the scribble split's training drawings into an imagefolder for the peer (`render`)."""
     import hydra
     from hydra import compose, initialize_config_dir
     from PIL import Image
@@ -98,6 +100,9 @@ def prepare(work: Path, arch: str = "sd15", resolution: int = 512) -> tuple[Path
     model_dir = work / f"{arch}_arch"
     if not (model_dir / "model_index.json").is_file():
         build_random_pipeline(arch).save_pretrained(model_dir)
+    folder = work / "imagefolder"
+    if not render:  # no peer in this call: sdft reads the drawings itself
+        return model_dir, folder, work
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "train",
@@ -111,7 +116,6 @@ def prepare(work: Path, arch: str = "sd15", resolution: int = 512) -> tuple[Path
         )
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup("fit")
-    folder = work / "imagefolder"
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "metadata.jsonl"
     if done.is_file() and len(done.read_text().splitlines()) == len(dm.dataset):
@@ -247,7 +251,7 @@ def main_run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
-    model_dir, folder, work = prepare(work, args.arch, args.resolution)
+    model_dir, folder, work = prepare(work, args.arch, args.resolution, bool(args.peer_steps))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     results = {
         "device": device,

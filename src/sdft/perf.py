@@ -13,7 +13,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch._inductor import config as inductor_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# torch's own order of the SDPA kernels; `perf.attention` moves one to the front
+# torch's nominal order of the SDPA kernels; `perf.attention` moves one to the front. (Left
+# alone, torch on Hopper tries cuDNN first: seen in the H100 profiles, bench/RESULTS.md.)
 TORCH_ORDER = [
     SDPBackend.FLASH_ATTENTION,
     SDPBackend.EFFICIENT_ATTENTION,
