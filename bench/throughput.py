@@ -56,6 +56,11 @@ OPTIONS = {
     ],
     "mm1x1": ["+perf.inductor.conv_1x1_as_mm=true"],  # inductor: 1x1 convolutions as matmuls
     "cdtune": ["+perf.inductor.coordinate_descent_tuning=true"],  # tunes kernels (longer compile)
+    "cudagraphs": ["perf.compile_mode=reduce-overhead"],  # CUDA graphs: no launch gaps
+    # one fast-path switch off at a time, for its own row
+    "nocl": ["perf.channels_last=false"],
+    "notf32": ["perf.tf32=false"],
+    "unfused": ["optim.fused=false"],
     "cast": ["perf.adapter_input_cast=true"],  # peft's bf16 -> fp32 -> bf16 input round trip
     "constlr": ["lr_scheduler=constant"],  # runs of different lengths share the LR curve
 }
