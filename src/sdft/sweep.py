@@ -18,8 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,8 @@ from hydra.types import RunMode
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+
+from sdft.files import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("maximize", "minimize")
@@ -107,21 +108,6 @@ def group_wandb_runs(cfg: DictConfig, hc: DictConfig) -> None:
     if wandb.group is None:
         wandb.group = f"{cfg.task_name}/{Path(hc.sweep.dir).name}"
     wandb.name = f"{cfg.task_name}-{hc.job.num}"
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A private temporary file to write, then moved onto `path` in one step: summaries are
-    rewritten by parallel trials (SLURM), and readers see an old or a new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{time.monotonic_ns()}.tmp")
-    yield tmp
-    tmp.replace(path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 # -- the sweep's summary -----------------------------------------------------------------

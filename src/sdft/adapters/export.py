@@ -19,8 +19,8 @@ from diffusers import StableDiffusionPipeline
 from omegaconf import DictConfig
 from safetensors.torch import save, save_file
 
-from sdft.adapters.files import atomic_output
 from sdft.adapters.layers import LayerWeights
+from sdft.files import atomic_output
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

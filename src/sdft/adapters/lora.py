@@ -18,7 +18,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from sdft.adapters.base import PeftMethod
-from sdft.adapters.files import atomic_output
+from sdft.files import atomic_output
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention
 

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sdft.adapters import export
-from sdft.adapters.files import atomic_output
 from sdft.adapters.load import is_embedding, read_safetensors
+from sdft.files import atomic_output
 
 
 class PlaceholderEmbedding(nn.Embedding):

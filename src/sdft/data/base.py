@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sdft.data.cache import build_or_load
 from sdft.data.sampler import SeededEpochSampler
+from sdft.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +23,7 @@ log = logging.getLogger(__name__)
 def write_split(out_dir: str | Path, record: dict) -> Path:
     """Write `record` as `<out_dir>/split.json`, atomically (a reader sees all or nothing)."""
     out = Path(out_dir) / "split.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(out)
+    write_atomic(out, json.dumps(record, indent=1))
     return out
 
 

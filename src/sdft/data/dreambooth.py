@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from sdft.data.base import write_split
 from sdft.data.caption_folder import decode, load_pixels
 from sdft.data.checks import BadSamples
 from sdft.data.sampler import SeededEpochSampler
+from sdft.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +215,8 @@ class DreamBoothDataModule(L.LightningDataModule):
                     width=hp.resolution,
                 ).images
                 for i, image in zip(chunk, images, strict=True):
-                    tmp = folder / f".{i:05d}.{os.getpid()}.png"
-                    image.save(tmp)
-                    tmp.replace(folder / f"{i:05d}.png")
+                    with atomic_path(folder / f"{i:05d}.png") as tmp:
+                        image.save(tmp, format="PNG")
         return folder
 
     def class_images(self, folder: Path) -> list[Path]:

@@ -1,10 +1,12 @@
-"""Writing adapter files so that a crash never leaves a half-written or clobbered file."""
+"""Writing files so that neither a crash nor a reader running alongside (parallel sweep
+trials, DDP ranks) ever sees a half-written or clobbered file."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,3 +23,18 @@ def atomic_output(target: Path) -> Iterator[str]:
         os.replace(Path(tmp_dir) / target.name, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A private temporary file beside `path` to write, then moved onto `path` in one step:
+    readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    yield tmp
+    tmp.replace(path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
