@@ -85,21 +85,21 @@ def summarize(events: list[dict]) -> dict:
     spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels]
     span = max(b for _, b in spans) - min(a for a, _ in spans)
     busy = union_us(spans)
+    called_by = launchers(events)
     by_kind: dict[str, float] = {}
     by_name: dict[str, list] = {}
+    eager: dict[str, float] = {}  # torch's own elementwise kernels, by launching operators
     for e in kernels:
-        by_kind[kind_of(e["name"])] = by_kind.get(kind_of(e["name"]), 0.0) + float(e["dur"])
+        kind, dur = kind_of(e["name"]), float(e["dur"])
+        by_kind[kind] = by_kind.get(kind, 0.0) + dur
         n = by_name.setdefault(e["name"], [0.0, 0])
-        n[0] += float(e["dur"])
+        n[0] += dur
         n[1] += 1
+        if kind == "elementwise (eager)":
+            who = called_by.get(e.get("args", {}).get("correlation"), "?")
+            eager[who] = eager.get(who, 0.0) + dur
     ms = 1e-3 / steps  # us over all steps -> ms per step
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
-    called_by = launchers(events)
-    eager: dict[str, float] = {}
-    for e in kernels:
-        if kind_of(e["name"]) == "elementwise (eager)":
-            who = called_by.get(e.get("args", {}).get("correlation"), "?")
-            eager[who] = eager.get(who, 0.0) + float(e["dur"])
     return {
         "steps": steps,
         "step_ms": span * ms,  # first kernel to last kernel, per step

@@ -214,11 +214,12 @@ def run_sdft(
     perf = json.loads((out / "perf.json").read_text())
     log = (out_dir / f"sdft_{name}.log").read_text()
     built = re.search(r"latent cache: built .* in ([0-9.]+) s", log)
+    tag = name.replace("+", "_")  # in file names
     profile = out / "fit-profile.txt"
     if profile.is_file():  # profiler=kernels: the kernel table, beside the numbers
-        shutil.copy(profile, out_dir / f"profile_{name.replace('+', '_')}.txt")
+        shutil.copy(profile, out_dir / f"profile_{tag}.txt")
     for trace in out.glob("*.pt.trace.json"):  # where the GPU's time goes, by kernel kind
-        stem = out_dir / f"kernels_{name.replace('+', '_')}"
+        stem = out_dir / f"kernels_{tag}"
         try:
             summary = kernels.summarize(kernels.load(trace))
         except ValueError as e:  # a CPU run has no device kernels
@@ -228,7 +229,7 @@ def run_sdft(
         stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
         with trace.open("rb") as f, gzip.open(f"{stem}.trace.json.gz", "wb") as g:
             shutil.copyfileobj(f, g)
-    losses = out_dir / f"loss_{name.replace('+', '_')}.csv"
+    losses = out_dir / f"loss_{tag}.csv"
     with (out / "csv" / "metrics.csv").open() as f, losses.open("w") as g:
         g.write("step,loss\n")
         for row in csv.DictReader(f):
