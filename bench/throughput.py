@@ -100,6 +100,7 @@ def prepare(
     from hydra import compose, initialize_config_dir
     from PIL import Image
 
+    from sdft.files import atomic_path
     from sdft.models import build_random_pipeline
 
     model_dir = work / f"{arch}_arch"
@@ -125,13 +126,12 @@ def prepare(
     done = folder / "metadata.jsonl"
     if done.is_file() and len(done.read_text().splitlines()) == len(dm.dataset):
         return model_dir, folder, work  # rendered by an earlier call on this machine
-    with (folder / "metadata.jsonl.part").open("w") as meta:
+    with atomic_path(done) as tmp, tmp.open("w") as meta:  # complete, or not there
         for i in range(len(dm.dataset)):
             item = dm.dataset[(i, False)]
             x = ((item["pixel_values"] * 0.5 + 0.5).clamp(0, 1) * 255).round().byte()
             Image.fromarray(x.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
             meta.write(json.dumps({"file_name": f"{i:05d}.png", "text": item["caption"]}) + "\n")
-    (folder / "metadata.jsonl.part").replace(done)
     return model_dir, folder, work
 
 
