@@ -1,12 +1,7 @@
 """bench/attention.py: the UNet's attention time by the SDPA kernel tried first."""
 
-import sys
-from pathlib import Path
-
+import attention
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import attention  # noqa: E402
 
 
 def row(count, default, flash, cudnn):

@@ -2,13 +2,9 @@
 
 import gzip
 import json
-import sys
-from pathlib import Path
 
+import kernels
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kernels  # noqa: E402
 
 
 def event(name: str, ts: float, dur: float, cat: str, corr: int = 0, **more) -> dict:
