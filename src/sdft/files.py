@@ -15,7 +15,8 @@ from pathlib import Path
 @contextmanager
 def atomic_output(target: Path) -> Iterator[str]:
     """Yield a temporary folder beside `target`; the file named `target.name` written
-    there replaces `target` in one rename when the block succeeds."""
+    there replaces `target` in one rename when the block succeeds. For writers that take a
+    folder and a file name (diffusers' `save_lora_weights`); `atomic_path` for the rest."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)
     try:
@@ -28,11 +29,15 @@ def atomic_output(target: Path) -> Iterator[str]:
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A private temporary file beside `path` to write, then moved onto `path` in one step:
-    readers see the old file or the new one."""
+    readers see the old file or the new one. A block that fails leaves `path` as it was and
+    no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    yield tmp
-    tmp.replace(path)
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, text: str) -> None:

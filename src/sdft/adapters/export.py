@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save, save_file
 
 from sdft.adapters.layers import LayerWeights
-from sdft.files import atomic_output
+from sdft.files import atomic_path
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,8 +97,8 @@ def kohya_metadata(
 def save_kohya(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """Write a kohya/A1111 safetensors file atomically, with its `sshs_*` hashes."""
     metadata = {**metadata, **safetensors_hashes(tensors, metadata)}
-    with atomic_output(path) as tmp_dir:
-        save_file(tensors, str(Path(tmp_dir) / path.name), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

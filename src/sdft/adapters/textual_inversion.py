@@ -21,7 +21,7 @@ from torch import nn
 
 from sdft.adapters import export
 from sdft.adapters.load import is_embedding, read_safetensors
-from sdft.files import atomic_output
+from sdft.files import atomic_path
 
 
 class PlaceholderEmbedding(nn.Embedding):
@@ -170,6 +170,6 @@ class TextualInversionMethod:
             (out / f"{self.output_name}.safetensors", {"emb_params": vectors}),
         ]
         for path, tensors in files:
-            with atomic_output(path) as tmp_dir:
-                save_file(tensors, str(Path(tmp_dir) / path.name), metadata=meta)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
         return [path for path, _ in files]
