@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_SAMPLE = 1.78e12  # SD1.5 UNet forward + backward with LoRA at 512 px
 PEAK_FLOPS = 800e12  # achievable dense bf16 on an H100
 PEER = ROOT / ".peer" / "diffusers_train_text_to_image_lora.py"
+CACHE_REUSED = "latent cache: reusing"  # sdft.data.cache's log line when it finds the cache
 
 # A variant is a base and `+options`, e.g. "fast+cudnn+profile": train.py overrides on top
 # of +experiment=scribble and the shared base ones.
@@ -243,7 +244,7 @@ def run_sdft(
         "micro_batch": micro,
         "steps": steps,  # asked for; perf.json's steps_done: trained (max_time stops early)
         "cache_build_s": float(built.group(1)) if built else None,
-        "cache_reused": "latent cache: reusing" in log,
+        "cache_reused": CACHE_REUSED in log,
         "run_dir": str(out),
         "loss_csv": losses.name,
     }
@@ -378,7 +379,7 @@ def merge(paths: list[str]) -> dict:
                 row["loss_path"] = str(path.parent / row["loss_csv"])
             log = path.parent / f"{name.replace(' ', '_')}.log"  # runs before cache_reused
             if "cache_reused" not in row and log.is_file():
-                row["cache_reused"] = "latent cache: reusing" in log.read_text()
+                row["cache_reused"] = CACHE_REUSED in log.read_text()
             merged["rows"][name] = row
     merged["command"] = "`, then `".join(merged["commands"])
     return merged
