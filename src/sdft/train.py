@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import hydra
@@ -13,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdft.adapters.export import run_metadata
+from sdft.adapters.metadata import run_metadata
 from sdft.module import AdapterFineTuner, check_checkpoint
 from sdft.perf import FastPath
 from sdft.sweep import check_trainer_fits_sweep
@@ -122,8 +123,10 @@ def run(cfg: DictConfig) -> dict:
         for lg in trainer.loggers:  # the whole config of each run (each sweep trial) in W&B
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
+        started = time.time()  # the files' ss_training_started_at
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        files = module.save_adapter(out, run_metadata(cfg, out)) if trainer.is_global_zero else []
+        record = run_metadata(cfg, out, trainer, datamodule, started)
+        files = module.save_adapter(out, record) if trainer.is_global_zero else []
     finally:
         finish_wandb(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -18,6 +18,7 @@ from peft import PeftConfig
 from sdft.adapters import export
 from sdft.adapters.layers import ADAPTER_PARAMS, adapter_layers
 from sdft.adapters.load import init_from_file
+from sdft.adapters.metadata import kohya_metadata
 
 ATTENTION_LAYERS = {"all": "attn1|attn2", "cross": "attn2", "self": "attn1"}
 # kohya / LyCORIS "conv" layers: the ResNet blocks' convolutions and the down/up samplers.
@@ -134,6 +135,6 @@ class PeftMethod(ABC):
             for c, m in self.trained_components(pipe).items()
         }
         tensors = export.kohya_state_dict(layers, self.save_torch_dtype)
-        meta = export.kohya_metadata(pipe, self.kohya_network(), metadata)
+        meta = kohya_metadata(pipe, self.kohya_network(), metadata)
         path = Path(out_dir) / f"{self.output_name}.safetensors"
         return [export.save_kohya(tensors, path, meta)]

@@ -1,4 +1,4 @@
-"""Writing adapters in kohya sd-scripts / A1111 / LyCORIS format, with kohya's `ss_*` metadata.
+"""Writing adapters in kohya sd-scripts / A1111 / LyCORIS format (metadata: `metadata.py`).
 
 kohya names a layer by its diffusers module path with "." -> "_", after a prefix for the model
 part: `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`, and for the text
@@ -11,18 +11,19 @@ rule that readers apply.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
-from omegaconf import DictConfig
 from safetensors.torch import save, save_file
 
 from sdft.adapters.layers import LayerWeights
 from sdft.files import atomic_path
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# Every file convention (kohya, A1111, ComfyUI, LyCORIS, diffusers) names the CLIP text
+# encoder's layers under `text_model.`, as transformers 4 did; transformers 5's CLIPTextModel
+# has no such level, so the files add it back whatever the installed version calls them.
+TEXT_MODEL = "text_model."
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -32,8 +33,15 @@ def check_save_dtype(save_dtype: str) -> torch.dtype:
     return SAVE_DTYPES[save_dtype]
 
 
+def file_path(component: str, module_path: str) -> str:
+    """A module path as adapter files spell it (`text_model.encoder.layers.0...`)."""
+    if component == "text_encoder" and not module_path.startswith(TEXT_MODEL):
+        return TEXT_MODEL + module_path
+    return module_path
+
+
 def kohya_name(component: str, module_path: str) -> str:
-    return KOHYA_PREFIX[component] + module_path.replace(".", "_")
+    return KOHYA_PREFIX[component] + file_path(component, module_path).replace(".", "_")
 
 
 def kohya_state_dict(
@@ -63,55 +71,9 @@ def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     }
 
 
-def base_model_version(pipe: StableDiffusionPipeline) -> str:
-    """kohya's `ss_base_model_version`: SD2 has a 1024-wide text encoder (v-prediction at 768)."""
-    if pipe.unet.config.cross_attention_dim != 1024:
-        return "sd_v1"
-    v = pipe.scheduler.config.get("prediction_type") == "v_prediction"
-    return "sd_v2_768_v" if v else "sd_v2_512"
-
-
-def kohya_metadata(
-    pipe: StableDiffusionPipeline, network: dict[str, object], run: dict | None
-) -> dict[str, str]:
-    """`ss_*` keys as kohya sd-scripts writes them (strings only), from the method's
-    `network` description and the run's metadata (base model, steps, resolution, ...)."""
-    run = run or {}
-    version = base_model_version(pipe)
-    res = run.get("resolution")
-    meta = {
-        "ss_base_model_version": version,
-        "ss_v2": str(version != "sd_v1"),
-        "ss_sd_model_name": str(run.get("base_model", pipe.name_or_path)),
-        "ss_resolution": f"({res}, {res})" if res else None,
-        "ss_steps": run.get("steps"),
-        "ss_max_train_steps": run.get("max_steps"),
-        "ss_seed": run.get("seed"),
-        "ss_dataset_hash": run.get("dataset_hash"),
-        "ss_training_comment": "trained with sdft",
-        **{f"ss_{k}": v for k, v in network.items()},
-    }
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items() if v is not None}
-
-
 def save_kohya(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """Write a kohya/A1111 safetensors file atomically, with its `sshs_*` hashes."""
     metadata = {**metadata, **safetensors_hashes(tensors, metadata)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
-
-
-def file_sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def run_metadata(cfg: DictConfig, out_dir: Path) -> dict:
-    """What a run's adapter files record about it, beside the base model and step count
-    (which the module knows): resolution, planned steps, seed, and a hash of the data split."""
-    return {
-        "resolution": cfg.data.get("resolution"),
-        "max_steps": cfg.trainer.get("max_steps"),
-        "seed": cfg.get("seed"),
-        "dataset_hash": file_sha256(Path(out_dir) / "split.json"),
-    }

@@ -4,7 +4,8 @@ check that one fits a pipeline, load it for generation, merge it into the base w
 
 Formats, told apart by their keys:
   kohya / A1111 / LyCORIS  `lora_unet_<path with _>.lora_down.weight`, `.hada_w1_a`, `.lokr_w1`,
-                           `.alpha`; text encoder `lora_te_...` (`lora_te1_` read the same)
+                           `.alpha`; text encoder `lora_te_text_model_...` (`lora_te1_` read the
+                           same; also without `text_model`, as sdft wrote it under transformers 5)
   diffusers / PEFT         `unet.<path>.lora_A.weight` / `.lora.down.weight` (older), alpha in
                            the `lora_adapter_metadata` header (else scale 1)
   embedding                one (n, D) tensor, or kohya/A1111 `emb_params`
@@ -26,6 +27,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from sdft.adapters.export import TEXT_MODEL, file_path
 from sdft.adapters.layers import (
     ADAPTER_PARAMS,
     LYCORIS_NAMES,
@@ -85,6 +87,15 @@ def module_paths(model: nn.Module) -> set[str]:
     return out
 
 
+def model_path(pipe: StableDiffusionPipeline, component: str, path: str) -> str:
+    """A file's module path as `pipe` names it: text-encoder paths with or without the
+    `text_model.` level, whichever the installed transformers has."""
+    if component != "text_encoder":
+        return path
+    path = path.removeprefix(TEXT_MODEL)
+    return TEXT_MODEL + path if hasattr(pipe.text_encoder, "text_model") else path
+
+
 def base_module(pipe: StableDiffusionPipeline, component: str, path: str) -> nn.Module | None:
     try:
         module = getattr(pipe, component).get_submodule(path)
@@ -106,9 +117,10 @@ def is_embedding(tensors: dict[str, torch.Tensor]) -> bool:
 
 def _read_kohya(adapter: AdapterFile, tensors: dict, pipe: StableDiffusionPipeline) -> None:
     index = {
-        prefix + path.replace(".", "_"): (component, path)
+        prefix + name.replace(".", "_"): (component, path)
         for prefix, component in KOHYA_PREFIXES.items()
         for path in module_paths(getattr(pipe, component))
+        for name in (path, file_path(component, path))  # both text-encoder spellings
     }
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -128,7 +140,7 @@ def _read_kohya(adapter: AdapterFile, tensors: dict, pipe: StableDiffusionPipeli
         adapter.keys[index[name]] = name
 
 
-def _read_diffusers(adapter: AdapterFile, tensors: dict) -> None:
+def _read_diffusers(adapter: AdapterFile, tensors: dict, pipe: StableDiffusionPipeline) -> None:
     config = json.loads(adapter.metadata.get("lora_adapter_metadata", "{}"))
     for component in COMPONENTS:
         sd = {
@@ -160,10 +172,9 @@ def _read_diffusers(adapter: AdapterFile, tensors: dict) -> None:
             if alpha is None and "lora_alpha" in cfg:
                 pattern = get_pattern_key(list(alpha_pattern), path)
                 alpha = float(alpha_pattern.get(pattern, cfg["lora_alpha"]))
-            adapter.layers[(component, path)] = LayerWeights(
-                kind_of(next(iter(parts))), parts, alpha
-            )
-            adapter.keys[(component, path)] = f"{component}.{path}"
+            key = (component, model_path(pipe, component, path))
+            adapter.layers[key] = LayerWeights(kind_of(next(iter(parts))), parts, alpha)
+            adapter.keys[key] = f"{component}.{path}"
 
 
 def read_adapter(path: str | Path, pipe: StableDiffusionPipeline) -> AdapterFile:
@@ -177,7 +188,7 @@ def read_adapter(path: str | Path, pipe: StableDiffusionPipeline) -> AdapterFile
         _read_kohya(adapter, tensors, pipe)
     elif all(k.startswith(tuple(f"{c}." for c in COMPONENTS)) for k in tensors):
         adapter.format = "diffusers"
-        _read_diffusers(adapter, tensors)
+        _read_diffusers(adapter, tensors, pipe)
     else:
         odd = [k for k in tensors if not k.startswith(("lora_", "unet.", "text_encoder."))]
         raise AdapterMismatchError(

@@ -35,6 +35,13 @@ class LoKrMethod(PeftMethod):
         super().__init__(rank=rank, output_name=output_name, **options)
         if decompose_factor == 0 or decompose_factor < -1:
             raise ValueError(f"method.decompose_factor={decompose_factor} must be -1 or > 0")
+        if decompose_both and self.conv_rank is not None:
+            # LyCORIS guesses a conv layer's shape from w1 and w2; with both decomposed it
+            # guesses wrong and cannot load the file (A1111 and ComfyUI can)
+            raise ValueError(
+                f"method.decompose_both=true with method.conv_rank={self.conv_rank}: LyCORIS "
+                "cannot load the LoKr file this would export; drop one of the two"
+            )
         self.decompose_factor, self.decompose_both = decompose_factor, decompose_both
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
 

@@ -17,6 +17,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from sdft.adapters import export
 from sdft.adapters.base import PeftMethod
 from sdft.files import atomic_output
 
@@ -97,10 +98,16 @@ class LoRAMethod(PeftMethod):
             {"train_text_encoder": True} if self.train_text_encoder else {}
         )
 
-    def diffusers_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The adapter weights in diffusers/PEFT naming (what `load_lora_weights` reads)."""
+    def diffusers_state_dict(
+        self, model: torch.nn.Module, component: str = "unet"
+    ) -> dict[str, torch.Tensor]:
+        """The adapter weights in diffusers/PEFT naming (what `load_lora_weights` reads), the
+        text encoder's under `text_model.` whatever the installed transformers calls them."""
         sd = get_peft_model_state_dict(model, adapter_name=self.adapter_name)
-        sd = {k: v.detach().to("cpu", self.save_torch_dtype) for k, v in sd.items()}
+        sd = {
+            export.file_path(component, k): v.detach().to("cpu", self.save_torch_dtype)
+            for k, v in sd.items()
+        }
         return convert_state_dict_to_diffusers(sd)
 
     def unet_state_dict(self, pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
@@ -115,7 +122,9 @@ class LoRAMethod(PeftMethod):
         te = {}
         if self.train_text_encoder:
             te = {
-                "text_encoder_lora_layers": self.diffusers_state_dict(pipe.text_encoder),
+                "text_encoder_lora_layers": self.diffusers_state_dict(
+                    pipe.text_encoder, "text_encoder"
+                ),
                 "text_encoder_lora_adapter_metadata": self.text_encoder_config().to_dict(),
             }
         with atomic_output(Path(out_dir) / name) as tmp_dir:

@@ -6,12 +6,14 @@ existing word's embedding; only those rows train, so every row of the real vocab
 bit-identical. Captions must contain the placeholder (e.g.
 `data.caption_template="a <scribble> of {category}"`); a multi-vector placeholder expands to
 all its tokens. Files: `learned_embeds.safetensors` ({placeholder: (n, D)}, diffusers'
-`load_textual_inversion`) and `<output_name>.safetensors` ({"emb_params": (n, D)}, kohya and
-A1111, where the file name is the word to use in prompts).
+`load_textual_inversion`) and `<name>.safetensors` ({"emb_params": (n, D)}, kohya and
+A1111, where the file name is the word to use in prompts: the placeholder without the
+characters a file name cannot hold, `<qd-scribble>` -> `qd-scribble.safetensors`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from torch import nn
 
 from sdft.adapters import export
 from sdft.adapters.load import is_embedding, read_safetensors
+from sdft.adapters.metadata import kohya_metadata
 from sdft.files import atomic_path
 
 
@@ -65,6 +68,17 @@ def in_vocabulary(tokenizer, word: str) -> bool:
     return word in vocab or f"{word.lower()}</w>" in vocab
 
 
+def a1111_name(placeholder: str) -> str:
+    """A file name (A1111's prompt word) from a placeholder: `<qd-scribble>` -> `qd-scribble`."""
+    name = re.sub(r"[^0-9A-Za-z_.-]+", "_", placeholder).strip("._")
+    if not name:
+        raise ValueError(
+            f"method.placeholder={placeholder!r} leaves no file name; add letters or digits "
+            "(or set method.output_name)"
+        )
+    return name
+
+
 def read_embedding_file(path: Path) -> torch.Tensor:
     """The (n, D) vectors of a diffusers, kohya or A1111 safetensors embedding file."""
     tensors, _ = read_safetensors(path)
@@ -86,7 +100,7 @@ class TextualInversionMethod:
         num_vectors: int = 1,
         init_weights: str | None = None,
         save_dtype: str = "float32",
-        output_name: str = "concept",
+        output_name: str | None = None,
     ):
         if not placeholder.strip() or " " in placeholder:
             raise ValueError(f"method.placeholder={placeholder!r} must be one word, e.g. '<x>'")
@@ -95,7 +109,9 @@ class TextualInversionMethod:
         if init_weights is not None and not Path(init_weights).expanduser().is_file():
             raise FileNotFoundError(f"method.init_weights={init_weights!r}: no such file")
         self.placeholder, self.initializer, self.num_vectors = placeholder, initializer, num_vectors
-        self.init_weights, self.output_name = init_weights, output_name
+        self.init_weights = init_weights
+        # A1111's trigger word is the file's name: the placeholder's, not a common word
+        self.output_name = output_name or a1111_name(placeholder)
         self.save_torch_dtype = export.check_save_dtype(save_dtype)
 
     @property
@@ -155,7 +171,7 @@ class TextualInversionMethod:
         self, pipe: StableDiffusionPipeline, out_dir: str | Path, metadata: dict | None = None
     ) -> list[Path]:
         """Write `learned_embeds.safetensors` (diffusers) and `<output_name>.safetensors`
-        (kohya/A1111 `emb_params`), each atomically."""
+        (kohya/A1111 `emb_params`, named after the placeholder by default), each atomically."""
         vectors = self.vectors(pipe)
         out = Path(out_dir)
         network = {
@@ -164,7 +180,7 @@ class TextualInversionMethod:
             "num_vectors": self.num_vectors,
             "output_name": self.output_name,
         }
-        meta = export.kohya_metadata(pipe, network, metadata)
+        meta = kohya_metadata(pipe, network, metadata)
         files = [
             (out / "learned_embeds.safetensors", {self.placeholder: vectors}),
             (out / f"{self.output_name}.safetensors", {"emb_params": vectors}),
