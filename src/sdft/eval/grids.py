@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw, ImageFont
 
 
@@ -12,12 +13,10 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def image_grid(images: list[Image.Image], rows: int) -> Image.Image:
-    cols = -(-len(images) // rows)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
+    """`rows` rows of equally many images, row-major, in one image (diffusers' grid)."""
+    if len(images) % rows:
+        raise ValueError(f"{len(images)} images do not fill {rows} equal rows")
+    return make_image_grid(images, rows=rows, cols=len(images) // rows)
 
 
 def labelled_grid(
