@@ -5,9 +5,9 @@ methods table, measured by writing the files.
 
 The base model is built by its own config (`conf/model/<model>.yaml`) on PyTorch's meta device:
 its ~1.1 billion weights take no memory and no time, and only the adapter tensors (the text
-encoder, for Textual Inversion's vocabulary) are made real. A file's size depends only on the
-shapes and dtypes of what it holds, so these are the sizes a trained run writes, to the
-metadata header's few hundred bytes (the header holds the run's record).
+encoder, for Textual Inversion's vocabulary) are made real. A file's tensors depend only on
+their shapes and dtypes, so they are what a trained run writes; a trained run's header adds
+its training record (`ss_tag_frequency` and the rest: a few KB), which these files lack.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def human(size: int) -> str:
 def markdown(rows: list[dict], model: str) -> str:
     lines = [
         f"Adapter files exported by each method's default config, `model={model}` "
-        "(`python bench/adapter_sizes.py`)",
+        "(`python bench/adapter_sizes.py`; a trained run's files add its training record to the "
+        "header, a few KB)",
         "",
         "| method | setting | file | size |",
         "|---|---|---|---|",

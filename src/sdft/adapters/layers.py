@@ -9,6 +9,9 @@ W' = W + weight * scale * dW, with scale = alpha / rank and
         reconstruction from lokr_t2). The rank is that of a decomposed factor; with both
         factors full there is no rank and the scale is 1 (alpha is ignored).
 A file without alpha (diffusers/PEFT convention) has scale 1.
+sdft applies these updates through peft's layers only (generation, merging: `load.py`); here
+they give the shape a file's factors make, and `tests/test_export.py` keeps the formula as
+the oracle that peft's layers are checked against.
 """
 
 from __future__ import annotations
@@ -33,11 +36,6 @@ ADAPTER_PARAMS = ("lora_", "hada_", "lokr_")  # what peft's adapter parameter na
 def kind_of(suffix: str) -> str | None:
     """'lora', 'loha' or 'lokr' for a factor name, None for anything else."""
     return next((k for k, names in FACTORS.items() if suffix in names), None)
-
-
-def _cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    # CP/Tucker rebuild as LyCORIS: core (r, r, k, k), wa (r, out), wb (r, in) -> (out, in, k, k)
-    return torch.einsum("i j k l, i p, j r -> p r k l", t, wa, wb)
 
 
 @dataclass
@@ -66,40 +64,52 @@ class LayerWeights:
         rank = self.rank
         return 1.0 if self.alpha is None or rank is None else self.alpha / rank
 
-    def delta(self) -> torch.Tensor:
-        """scale * dW in its natural shape: the layer's weight shape, or (out, in * k * k)
-        for factors that store a conv kernel flattened (LyCORIS without Tucker)."""
-        t = {k: v.float() for k, v in self.tensors.items()}
+    def update_shape(self) -> tuple[int, ...]:
+        """The shape of this layer's update dW, from its factors' shapes: the layer's weight
+        shape, or (out, in * k * k) for conv factors stored flattened (LyCORIS without
+        Tucker). ValueError if the factors do not combine."""
+        s = {k: tuple(v.shape) for k, v in self.tensors.items()}
+
+        def product(a: str, b: str) -> tuple[int, ...]:  # (m, r) @ (r, n)
+            if s[a][1] != s[b][0]:
+                raise ValueError
+            return s[a][0], s[b][1]
+
+        def cp(t: str, a: str, b: str) -> tuple[int, ...]:  # core (r, r, k, k), (r, out), (r, in)
+            if s[t][:2] != (s[a][0], s[b][0]):
+                raise ValueError
+            return s[a][1], s[b][1], *s[t][2:]
+
         if self.kind == "lora":
-            down, up = t["lora_down"], t["lora_up"]
-            dw = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
-        elif self.kind == "loha":
-            if "hada_t1" in t:
-                dw = _cp(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"]) * _cp(
-                    t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"]
-                )
-            else:
-                dw = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+            if s["lora_up"][1] != s["lora_down"][0]:
+                raise ValueError
+            return s["lora_up"][0], *s["lora_down"][1:]
+        if self.kind == "loha":
+            w1, w2 = (
+                cp(f"hada_t{i}", f"hada_w{i}_a", f"hada_w{i}_b")
+                if "hada_t1" in s
+                else product(f"hada_w{i}_a", f"hada_w{i}_b")
+                for i in (1, 2)
+            )
+            if w1 != w2:  # an elementwise product
+                raise ValueError
+            return w1
+        w1 = s["lokr_w1"] if "lokr_w1" in s else product("lokr_w1_a", "lokr_w1_b")
+        if "lokr_w2" in s:
+            w2 = s["lokr_w2"]
+        elif "lokr_t2" in s:
+            w2 = cp("lokr_t2", "lokr_w2_a", "lokr_w2_b")
         else:
-            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-            if "lokr_w2" in t:
-                w2 = t["lokr_w2"]
-            elif "lokr_t2" in t:
-                w2 = _cp(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
-            else:
-                w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
-            if w2.dim() == 4:
-                w1 = w1[:, :, None, None]
-            dw = torch.kron(w1.contiguous(), w2.contiguous())  # kron views its inputs
-        return dw * self.scale
+            w2 = product("lokr_w2_a", "lokr_w2_b")
+        w1 = (*w1, 1, 1)[: len(w2)]  # a conv's kernel sits in W2
+        return tuple(x * y for x, y in zip(w1, w2, strict=True))  # kron(W1, W2)
 
     def check_fits(self, weight_shape: torch.Size) -> str | None:
         """None if this update fits a layer of weight `weight_shape`, else what is wrong."""
-        meta = LayerWeights(self.kind, {k: v.to("meta") for k, v in self.tensors.items()})
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.tensors.items())
         try:
-            natural = tuple(meta.delta().shape)
-        except RuntimeError:
+            natural = self.update_shape()
+        except (ValueError, KeyError):
             return f"its factors do not combine ({shapes})"
         flat = (weight_shape[0], math.prod(weight_shape[1:]))
         if natural == tuple(weight_shape) or (len(natural) == 2 and natural == flat):
@@ -107,9 +117,6 @@ class LayerWeights:
         return (
             f"its factors ({shapes}) make a {natural} update for a weight of {tuple(weight_shape)}"
         )
-
-    def delta_for(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.delta().reshape(weight.shape)
 
 
 def peft_factor(layer: BaseTunerLayer, factor: str, adapter: str) -> torch.Tensor:

@@ -20,8 +20,13 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-from peft import LoHaConfig, LoKrConfig
+from diffusers.utils import (
+    convert_state_dict_to_peft,
+    convert_unet_state_dict_to_peft,
+    recurse_remove_peft_layers,
+)
+from peft import LoHaConfig, LoKrConfig, set_peft_model_state_dict
+from peft.tuners.lokr.layer import factorization
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
@@ -225,13 +230,31 @@ def read_checked(path: str | Path, pipe: StableDiffusionPipeline) -> AdapterFile
 
 @torch.no_grad()
 def merge_adapter(pipe: StableDiffusionPipeline, path: str | Path, scale: float = 1.0) -> None:
-    """W' = W + scale * dW for every layer of the adapter file, in place."""
+    """W' = W + scale * dW for every layer of the adapter file, in place: the file is loaded as
+    peft layers, each adds its own update (peft's `get_delta_weight`) to its base weight, and
+    the layers go again."""
     adapter = read_checked(path, pipe)
     if adapter.format == "embedding":
         raise ValueError(f"{path}: a textual-inversion embedding has no weights to merge")
-    for (component, module_path), lw in adapter.layers.items():
-        weight = base_module(pipe, component, module_path).weight
-        weight += (scale * lw.delta_for(weight)).to(weight.dtype)
+    name = "sdft_merge"
+    load_adapter(pipe, path, name)
+    for component in sorted({c for c, _ in adapter.layers}):
+        model = getattr(pipe, component)
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and holds(module, name):
+                weight = module.get_base_layer().weight
+                weight += (scale * module.get_delta_weight(name)).to(weight.dtype)
+                module.delete_adapter(name)
+        model.peft_config.pop(name, None)
+        if not model.peft_config:  # no other adapter: back to the plain layers
+            recurse_remove_peft_layers(model)
+            del model.peft_config
+            if hasattr(model, "_hf_peft_config_loaded"):
+                model._hf_peft_config_loaded = False
+
+
+def holds(layer: BaseTunerLayer, name: str) -> bool:
+    return any(name in getattr(layer, n) for n in layer.adapter_layer_names)
 
 
 def adapter_name_for(path: str | Path) -> str:
@@ -239,25 +262,86 @@ def adapter_name_for(path: str | Path) -> str:
     return re.sub(r"[^0-9A-Za-z_-]", "_", Path(path).stem)
 
 
+def lokr_factor(layers: dict[str, LayerWeights], shapes: dict[str, torch.Size]) -> int:
+    """The `decompose_factor` that splits every layer as the file's W1 does: (out, in) =
+    (a * b, c * d) with W1 (a, c); -1 (near the square root) or a fixed side a."""
+    w1 = {}
+    for path, lw in layers.items():
+        t = lw.tensors
+        w1[path] = (
+            t["lokr_w1"].shape
+            if "lokr_w1" in t
+            else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+        )
+    for factor in [-1, *sorted({a for a, _ in w1.values()})]:
+        if all(
+            (factorization(shapes[p][0], factor)[0], factorization(shapes[p][1], factor)[0])
+            == tuple(w1[p])
+            for p in layers
+        ):
+            return factor
+    raise AdapterMismatchError(
+        f"LoKr factors {sorted(set(map(tuple, w1.values())))[:SHOW]} that no single "
+        "decompose_factor makes"
+    )
+
+
+def lycoris_config(
+    kind: str, layers: dict[str, LayerWeights], shapes: dict[str, torch.Size]
+) -> LoHaConfig | LoKrConfig:
+    """The peft config that makes exactly the file's layers: each layer's rank and alpha as
+    patterns (peft's scaling = alpha / r = the file's scale), CP/Tucker conv factors if the
+    file has them, and for LoKr the factor sides and which factors are decomposed."""
+    ranks, alphas = {}, {}
+    for path, lw in layers.items():
+        # LoKr with both factors full has no rank (scale 1): any rank that keeps them full
+        r = lw.rank or max(d for t in lw.tensors.values() for d in t.shape[:2])
+        ranks[re.escape(path)], alphas[re.escape(path)] = r, r * lw.scale
+    factors = {f for lw in layers.values() for f in lw.tensors}
+    common = dict(
+        r=1,
+        alpha=1,
+        target_modules=sorted(layers),
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
+        use_effective_conv2d=bool(factors & {"hada_t1", "lokr_t2"}),
+    )
+    if kind == "loha":
+        return LoHaConfig(**common)
+    return LoKrConfig(
+        **common,
+        decompose_both="lokr_w1_a" in factors,
+        decompose_factor=lokr_factor(layers, shapes),
+    )
+
+
 def inject_lycoris(pipe: StableDiffusionPipeline, adapter: AdapterFile, name: str) -> None:
     """Add a LoHa/LoKr file's layers as peft adapter `name` (so `set_adapters` weighs it):
-    peft builds the layers, then each takes the file's factors, whatever their structure."""
+    peft builds the layers from a config made from the file, then loads its factors."""
     (kind,) = adapter.kinds
-    config_cls = {"loha": LoHaConfig, "lokr": LoKrConfig}[kind]
     for component in sorted({c for c, _ in adapter.layers}):
         model = getattr(pipe, component)
-        paths = sorted(p for c, p in adapter.layers if c == component)
-        model.add_adapter(config_cls(r=1, alpha=1, target_modules=paths), adapter_name=name)
-        for path in paths:
-            layer, lw = model.get_submodule(path), adapter.layers[(component, path)]
-            ref = layer.get_base_layer().weight
-            for store in map(layer.__getattr__, layer.adapter_layer_names):
-                if name in store:  # drop what peft made; the file says which factors exist
-                    del store[name]
-            for factor, t in lw.tensors.items():
-                param = nn.Parameter(t.to(ref.device, ref.dtype), requires_grad=False)
-                getattr(layer, factor)[name] = param
-            layer.r[name], layer.alpha[name], layer.scaling[name] = 1, lw.scale, lw.scale
+        layers = {p: lw for (c, p), lw in adapter.layers.items() if c == component}
+        shapes = {p: base_module(pipe, component, p).weight.shape[:2] for p in layers}  # (out, in)
+        model.add_adapter(lycoris_config(kind, layers, shapes), adapter_name=name)
+        made = {}
+        for path in layers:
+            layer = model.get_submodule(path)
+            made[path] = {
+                n: tuple(getattr(layer, n)[name].shape)
+                for n in layer.adapter_layer_names
+                if name in getattr(layer, n)
+            }
+        wrong = [
+            f"{adapter.keys[(component, p)]}: the file has "
+            f"{ {f: tuple(t.shape) for f, t in lw.tensors.items()} }, peft makes {made[p]}"
+            for p, lw in layers.items()
+            if made[p] != {f: tuple(t.shape) for f, t in lw.tensors.items()}
+        ]
+        if wrong:
+            raise AdapterMismatchError(f"{adapter.path}: " + "; ".join(wrong[:SHOW]))
+        state = {f"{p}.{f}": t for p, lw in layers.items() for f, t in lw.tensors.items()}
+        set_peft_model_state_dict(model, state, adapter_name=name)
 
 
 def load_adapter(pipe: StableDiffusionPipeline, path: str | Path, name: str) -> None:
