@@ -20,11 +20,13 @@ import math
 import pytest
 import torch
 from conftest import FAST, compose_cfg
+from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdft.adapters import LoHaMethod, LoKrMethod, LoRAMethod, TextualInversionMethod
 from sdft.adapters.load import merge_adapter, read_adapter
+from sdft.adapters.metadata import optimizer_name, scheduler_name, tag_frequency
 from sdft.models import build_random_pipeline
 from sdft.train import run
 
@@ -250,3 +252,17 @@ def test_kohya_file_carries_modelspec_and_the_ss_keys_a1111_shows(tmp_path):
     assert (meta["ss_total_batch_size"], meta["ss_epoch"]) == ("4", "4")  # 4 steps x 4 / 4
     assert meta["ss_clip_skip"] == "None"
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+
+
+def test_tags_are_counted_per_image_at_commas_and_names_follow_kohya():
+    captions = ["a cat, red", "a cat, blue, a cat", "a dog", ""]
+    assert tag_frequency(captions) == {"a cat": 2, "red": 1, "blue": 1, "a dog": 1}
+    constant = OmegaConf.create(
+        {"_target_": "diffusers.optimization.get_scheduler", "name": "constant_with_warmup"}
+    )
+    cosine = OmegaConf.create(
+        {"_target_": "diffusers.optimization.get_cosine_schedule_with_warmup", "_partial_": True}
+    )
+    assert (scheduler_name(constant), scheduler_name(cosine)) == ("constant_with_warmup", "cosine")
+    optim = OmegaConf.create({"_target_": "torchao.optim.AdamW8bit", "lr": 1e-4, "block_size": 256})
+    assert optimizer_name(optim) == "torchao.optim.AdamW8bit(block_size=256)"
