@@ -24,11 +24,12 @@ def test_sizes_are_those_of_the_exported_files_and_fill_the_table(tmp_path):
     files = sorted(tmp_path.rglob("*.safetensors"))
     assert sorted(r["size"] for r in rows) == sorted(f.stat().st_size for f in files)
     # LoRA r4 on 32 projections of width C (in = out = C: 32 in three blocks, 64 in the middle
-    # one): 8 layers x 4 x 2C per block -> 64 x (3 x 32 + 64) = 10240 weights, + 32 alphas
+    # one): 8 layers x 4 x 2C per block -> 64 x (3 x 32 + 64) = 10240 weights, less 2 x 4 x 32
+    # for the middle block's cross-attention to_k/to_v (they read 32-wide text) = 9984; 32 alphas
     kohya = tmp_path / "00_lora" / "scribble.safetensors"
-    assert tensor_bytes(rows[1]["size"], kohya) == (10240 + 32) * 4
+    assert tensor_bytes(rows[1]["size"], kohya) == (9984 + 32) * 4
     half = tmp_path / "01_lora" / "scribble.safetensors"
-    assert tensor_bytes(rows[3]["size"], half) == (10240 + 32) * 2
+    assert tensor_bytes(rows[3]["size"], half) == (9984 + 32) * 2
     emb = tmp_path / "02_textual_inversion" / "qd-scribble.safetensors"
     assert tensor_bytes(rows[5]["size"], emb) == 32 * 4  # one 32-wide vector
 

@@ -324,20 +324,18 @@ def inject_lycoris(pipe: StableDiffusionPipeline, adapter: AdapterFile, name: st
         layers = {p: lw for (c, p), lw in adapter.layers.items() if c == component}
         shapes = {p: base_module(pipe, component, p).weight.shape[:2] for p in layers}  # (out, in)
         model.add_adapter(lycoris_config(kind, layers, shapes), adapter_name=name)
-        made = {}
-        for path in layers:
+        wrong = []  # a layer whose factors peft makes otherwise (structure the config cannot say)
+        for path, lw in layers.items():
             layer = model.get_submodule(path)
-            made[path] = {
+            made = {
                 n: tuple(getattr(layer, n)[name].shape)
                 for n in layer.adapter_layer_names
                 if name in getattr(layer, n)
             }
-        wrong = [
-            f"{adapter.keys[(component, p)]}: the file has "
-            f"{ {f: tuple(t.shape) for f, t in lw.tensors.items()} }, peft makes {made[p]}"
-            for p, lw in layers.items()
-            if made[p] != {f: tuple(t.shape) for f, t in lw.tensors.items()}
-        ]
+            want = {f: tuple(t.shape) for f, t in lw.tensors.items()}
+            if made != want:
+                key = adapter.keys[(component, path)]
+                wrong.append(f"{key}: the file has {want}, peft makes {made}")
         if wrong:
             raise AdapterMismatchError(f"{adapter.path}: " + "; ".join(wrong[:SHOW]))
         state = {f"{p}.{f}": t for p, lw in layers.items() for f, t in lw.tensors.items()}
