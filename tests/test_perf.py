@@ -128,7 +128,7 @@ def test_attention_and_cudnn_options_compute_the_same_in_forward_and_backward(ma
         # on the CPU cuDNN cannot run: SDPA falls through to the next kernel, same numbers
         fast_loss, fast_grads = loss_and_grads(fast, batch)
     finally:
-        fast_path.attention_order.__exit__(None, None, None)
+        fast_path.restore()
         torch.backends.cudnn.benchmark = False
     assert torch._C._get_sdp_priority_order() == [int(b) for b in TORCH_ORDER]
     ref_loss, ref_grads = loss_and_grads(plain, batch)
