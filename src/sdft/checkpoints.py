@@ -95,10 +95,25 @@ def newest_intact(candidates: list[Path]) -> tuple[dict, Path]:
 class StepCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that saves only between optimizer steps, never mid accumulation window
     (such a checkpoint records micro-batches whose gradients it does not hold, so a resume
-    from it skips them), and never non-finite weights (a resume would go on from NaN)."""
+    from it skips them), and never weights that are not finite. When the run stops on a
+    non-finite loss (FloatingPointError), the checkpoints of the weights that gave it, saved
+    at the current step, are deleted: a resume from them would stop the same way."""
 
     _step_at_batch_start = 0
     _at_step_boundary = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._saved: list[tuple[int, str]] = []  # (global step, file) of each save
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        if not isinstance(exception, FloatingPointError) or not trainer.is_global_zero:
+            return
+        for step, path in self._saved:
+            if step == trainer.global_step and Path(path).is_file():
+                Path(path).unlink()
+                log.warning("removed %s: its weights gave a non-finite loss", path)
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         self._step_at_batch_start = trainer.global_step
@@ -121,3 +136,4 @@ class StepCheckpoint(ModelCheckpoint):
             )
             return
         super()._save_checkpoint(trainer, filepath)
+        self._saved.append((trainer.global_step, filepath))

@@ -230,9 +230,11 @@ class AdapterFineTuner(L.LightningModule):
         loader = self.trainer.train_dataloader
         return loader.resumable if isinstance(loader, ResumableLoader) else None
 
-    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
-        # the sampler runs ahead of training (prefetch): tell it what training consumed,
-        # which is what a checkpoint records (ResumableLoader.state_dict)
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # the sampler runs ahead of training (prefetch): tell it what training consumed, which
+        # is what a checkpoint records (ResumableLoader.state_dict). Counted here, before the
+        # batch trains, because checkpoints are written in callbacks' on_train_batch_end,
+        # which Lightning calls before the module's; none is written while a batch is trained.
         if (sampler := self.train_sampler()) is not None:
             sampler.batch_trained(len(batch["caption"]))
 

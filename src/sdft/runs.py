@@ -109,7 +109,7 @@ def flat_settings(cfg: DictConfig | dict) -> dict[str, Any]:
 
 
 def first_difference(saved: dict, current: dict) -> str | None:
-    for key in sorted(saved.keys() | current.keys()):
+    for key in [*saved, *(k for k in current if k not in saved)]:  # RESUME_SETTINGS' order
         if saved.get(key) != current.get(key):
             return f"{key}={saved.get(key)!r} there, {key}={current.get(key)!r} here"
     return None

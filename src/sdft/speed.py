@@ -100,10 +100,11 @@ class SpeedMonitor(L.Callback):
         if stats["samples_per_s"] is None:
             log.warning(
                 "the run ended inside its warm-up, at step %d (%s); perf.json records no speed. "
-                "If trainer.max_time stopped it, the first step%s used the budget.",
+                "If trainer.max_time stopped it, a cold torch.compile may have used the "
+                "budget (the first step took%s).",
                 trainer.global_step,
                 stats["reason"],
-                f" ({self._first_step_s:.0f} s, compile included)" if self._first_step_s else "",
+                f" {self._first_step_s:.0f} s" if self._first_step_s else " the whole run",
             )
         numbers = {f"perf/{k}": v for k, v in stats.items() if isinstance(v, int | float)}
         for logger in trainer.loggers:
