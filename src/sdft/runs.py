@@ -83,7 +83,10 @@ class RunFolder(Callback):
         HydraConfig.instance().set_config(config)  # for ${hydra:runtime.cwd} in the path
         explicit = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
         wanted = Path(str(config.hydra.run.dir)).absolute()
-        claimed = claim_run_dir(wanted, explicit)
+        try:
+            claimed = claim_run_dir(wanted, explicit)
+        except FileExistsError as e:  # Hydra turns a callback's Exception into a warning
+            raise SystemExit(f"Error: {e}") from None
         if claimed != wanted:
             log.warning("%s is another run's (same second): this run writes %s", wanted, claimed)
         with read_write(config.hydra.run):
