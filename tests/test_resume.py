@@ -250,6 +250,16 @@ def test_step_checkpoint_saves_only_after_an_optimizer_step_with_finite_weights(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step2.ckpt"]
 
 
+def test_a_run_stopped_by_a_nan_loss_keeps_no_checkpoint_of_the_blown_up_weights(tmp_path):
+    # lr 1e6: step 1 is finite but moves every weight by ~1e6; step 2's loss is NaN
+    cfg = task_cfg(tmp_path, "nan", "optim.lr=1e6", "callbacks.checkpoint.every_n_train_steps=1")
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        run(cfg)
+    assert ckpt_names(cfg) == []  # step_000001 and last.ckpt held the weights that gave it
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        find_resume_checkpoint(task_cfg(tmp_path, "again", "resume=true"))
+
+
 # -- run folders ---------------------------------------------------------------------------
 def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
     same_second = tmp_path / "outputs" / "train" / "2026-01-01_00-00-00"

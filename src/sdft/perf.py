@@ -31,16 +31,6 @@ ATTENTION_BACKENDS = {
 }
 
 
-@contextlib.contextmanager
-def restoring(owner: Any, name: str):
-    """Entered: remembers `owner.name`; exited: sets it back."""
-    before = getattr(owner, name)
-    try:
-        yield
-    finally:
-        setattr(owner, name, before)
-
-
 class FastPath(L.Callback):
     """The GPU speed switches, each a config option (`conf/perf/`). They change how the step
     runs, never what it computes: `tests/test_perf.py` pins the same loss with and without.
@@ -140,11 +130,11 @@ class FastPath(L.Callback):
             # held open until `restore`: a dropped one would restore torch's order when collected
             self._restore.enter_context(sdpa_kernel(order, set_priority=True))
         if self.cudnn_benchmark:
-            self._restore.enter_context(restoring(torch.backends.cudnn, "benchmark"))
+            self._remember(torch.backends.cudnn, "benchmark")
             torch.backends.cudnn.benchmark = True
         if self.tf32:
-            self._restore.enter_context(restoring(torch.backends.cuda.matmul, "allow_tf32"))
-            self._restore.enter_context(restoring(torch.backends.cudnn, "allow_tf32"))
+            self._remember(torch.backends.cuda.matmul, "allow_tf32")
+            self._remember(torch.backends.cudnn, "allow_tf32")
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.gradient_checkpointing:
@@ -153,11 +143,15 @@ class FastPath(L.Callback):
             unet.to(memory_format=torch.channels_last)
         if self.compile_unet:
             for key, value in self.inductor.items():  # for the process, as tf32
-                self._restore.enter_context(restoring(inductor_config, key))
+                self._remember(inductor_config, key)
                 setattr(inductor_config, key, value)
             # in place (nn.Module.compile): parameter names, and so checkpoints, stay the same
             unet.compile(mode=self.compile_mode, dynamic=False)
             self.compiled = True
+
+    def _remember(self, owner: Any, name: str) -> None:
+        """Have `restore` set `owner.name` back to its value now."""
+        self._restore.callback(setattr, owner, name, getattr(owner, name))
 
     def restore(self) -> None:
         """Put the process-wide switches back as `apply` found them (last set, first undone)."""
