@@ -76,7 +76,7 @@ def remove_partial_files(folder: Path) -> list[Path]:
     """Delete temporary files a killed save left behind; returns them."""
     orphans = [p for p in folder.glob(f".*{PARTIAL}*") if p.is_file()]
     for p in orphans:
-        p.unlink()
+        p.unlink(missing_ok=True)  # under DDP every rank looks
         log.warning("removed %s: a checkpoint write that never finished", p)
     return orphans
 
