@@ -87,7 +87,7 @@ def train(devices: int, base: list[str], work: Path, out: Path) -> dict:
     record["loss"] = read_losses(run_dir / "csv" / "metrics.csv")
     print(
         f"   -> rc {record['returncode']}, {record['wall_s']} s, "
-        f"{record.get('samples_per_s', float('nan')):.2f} samples/s",
+        f"{record.get('samples_per_s') or float('nan'):.2f} samples/s",
         flush=True,
     )
     return record

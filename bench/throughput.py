@@ -348,6 +348,9 @@ def table(results: dict) -> str:
             lines.append(f"| {name} | failed: {said[:100]} |||||||")
             continue
         sps = r["samples_per_s"]
+        if sps is None:  # too few steps after the warm-up: perf.json says why
+            lines.append(f"| {name} | no speed: {r.get('reason', '')[:100]} |||||||")
+            continue
         ratio = f"{sps / peer:.2f}x" if peer else "-"
         mfu = sps * FLOP_PER_SAMPLE / PEAK_FLOPS
         timed = r.get("timed_seconds")

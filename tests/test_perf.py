@@ -1,10 +1,15 @@
 """The fast path changes how a step runs, not what it computes."""
 
+import inspect
+import logging
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import pytest
 import torch
+import yaml
 from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend
 
@@ -80,10 +85,16 @@ def test_other_batch_sizes_run_eagerly_without_a_second_compile(make_cfg):
         torch.testing.assert_close(fast_grads[n], ref_grads[n], rtol=1e-3, atol=1e-6)
 
 
-def test_merge_accumulation_keeps_the_effective_batch(make_cfg):
+def test_merge_accumulation_keeps_the_effective_batch_and_says_so(make_cfg, caplog):
     cfg = make_cfg("data.batch_size=8", "trainer.accumulate_grad_batches=4")
-    merge_accumulation(cfg, FastPath(merge_accumulation=True, force=True))
+    with caplog.at_level(logging.WARNING):
+        merge_accumulation(cfg, FastPath(merge_accumulation=True, force=True))
     assert (cfg.data.batch_size, cfg.trainer.accumulate_grad_batches) == (32, 1)
+    said = (
+        "data.batch_size=8 x trainer.accumulate_grad_batches=4 runs as "
+        "data.batch_size=32 x trainer.accumulate_grad_batches=1"
+    )
+    assert cfg.merged_accumulation == said and said in caplog.text  # in config.yaml and log
     cfg = make_cfg("data.batch_size=8", "trainer.accumulate_grad_batches=4")
     merge_accumulation(cfg, FastPath(merge_accumulation=True))  # CPU, not forced: unchanged
     assert (cfg.data.batch_size, cfg.trainer.accumulate_grad_batches) == (8, 4)
@@ -128,7 +139,7 @@ def test_attention_and_cudnn_options_compute_the_same_in_forward_and_backward(ma
         # on the CPU cuDNN cannot run: SDPA falls through to the next kernel, same numbers
         fast_loss, fast_grads = loss_and_grads(fast, batch)
     finally:
-        fast_path.attention_order.__exit__(None, None, None)
+        fast_path.restore()
         torch.backends.cudnn.benchmark = False
     assert torch._C._get_sdp_priority_order() == [int(b) for b in TORCH_ORDER]
     ref_loss, ref_grads = loss_and_grads(plain, batch)
@@ -169,3 +180,53 @@ def test_inductor_settings_are_checked_by_name_and_set_for_the_compile(make_cfg)
     with config.patch(conv_1x1_as_mm=False):
         FastPath(inductor={"conv_1x1_as_mm": True}, force=True).apply(module.unet, module.device)
         assert config.conv_1x1_as_mm
+
+
+def test_fast_path_defaults_are_conf_perf_default():
+    conf = yaml.safe_load((Path(__file__).parents[1] / "conf/perf/default.yaml").read_text())
+    del conf["_target_"]
+    defaults = {k: v.default for k, v in inspect.signature(FastPath).parameters.items()}
+    assert defaults == {**conf, "inductor": None}  # None: no settings, as {}
+    assert conf["inductor"] == {}
+
+
+def test_fast_path_restores_the_process_wide_switches_at_teardown(make_cfg, caplog):
+    from torch._inductor import config
+
+    module, _ = module_and_batch(make_cfg())
+    device = SimpleNamespace(root_device=torch.device("cpu"))
+    trainer = SimpleNamespace(precision="32-true", strategy=device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    before = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+        config.conv_1x1_as_mm,
+        torch._C._get_sdp_priority_order(),
+    )
+    fast_path = FastPath(
+        tf32=True,
+        cudnn_benchmark=True,
+        attention="efficient",
+        inductor={"conv_1x1_as_mm": not before[3]},
+        force=True,
+    )
+    fast_path.setup(trainer, module, "fit")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.backends.cudnn.benchmark and config.conv_1x1_as_mm != before[3]
+    assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.EFFICIENT_ATTENTION)
+    # the first compiled step's time is logged (compile included)
+    with caplog.at_level(logging.INFO, logger="sdft.perf"):
+        fast_path.on_train_batch_start(trainer)
+        fast_path.on_train_batch_end(trainer, module)
+        fast_path.on_train_batch_end(trainer, module)  # once
+    assert caplog.text.count("the first compiled step took") == 1
+    fast_path.teardown(trainer, module, "fit")
+    after = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+        config.conv_1x1_as_mm,
+        torch._C._get_sdp_priority_order(),
+    )
+    assert after == before

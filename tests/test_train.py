@@ -1,12 +1,12 @@
 """End-to-end training on the tiny model and real QuickDraw drawings."""
 
 import hydra
-import lightning as L
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from sdft.checkpoints import load_checkpoint
 from sdft.models import build_random_pipeline
 from sdft.module import AdapterFineTuner
 from sdft.train import run
@@ -55,7 +55,7 @@ def untrained_module(cfg) -> AdapterFineTuner:
 
 
 def load_last_checkpoint(module, out) -> None:
-    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = load_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"]
     assert not module.load_state_dict(state, strict=False).unexpected_keys
 
 
@@ -89,7 +89,7 @@ def test_output_folder_holds_adapter_checkpoints_config_split_metrics_preview(tr
     ):
         assert (out / name).is_file(), name
     assert list((out / "previews").glob("step_*.png"))
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = load_checkpoint(out / "checkpoints" / "last.ckpt")  # weights_only
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
     assert ckpt["sdft"]["method"]["name"] == "lora" and ckpt["optimizer_states"]
     assert ckpt["global_step"] == 6
@@ -123,53 +123,7 @@ def test_adapter_file_keys_are_diffusers_unet_lora_keys(trained_run):
     assert all(v.dtype == torch.float32 for v in sd.values())
 
 
-class KillAt(L.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            raise KeyboardInterrupt  # as if the job were killed
-
-
-def lora_weights(out):
-    return load_file(out / "pytorch_lora_weights.safetensors")
-
-
-def test_killed_and_resumed_run_ends_with_same_adapter_as_uninterrupted(make_cfg, monkeypatch):
-    common = [
-        "data.per_category=4",
-        "data.batch_size=2",
-        "trainer.accumulate_grad_batches=2",
-        "trainer.max_steps=10",
-        "callbacks.checkpoint.every_n_train_steps=3",
-        "optim.lr=1e-2",
-    ]  # 28 drawings / (2 x 2) = 7 steps an epoch: the kill is mid-epoch
-    full = run(make_cfg(*common, run="full"))
-
-    killed_cfg = make_cfg(*common, run="killed")
-    monkeypatch.setattr("sdft.train.build", _with_killer(5))
-    with pytest.raises((KeyboardInterrupt, SystemExit)):
-        run(killed_cfg)
-    monkeypatch.undo()
-    ckpt = killed_cfg.paths.output_dir + "/checkpoints/step_000003.ckpt"
-    resumed = run(make_cfg(*common, f"ckpt_path={ckpt}", run="resumed"))
-
-    a, b = lora_weights(full["output_dir"]), lora_weights(resumed["output_dir"])
-    assert a.keys() == b.keys()
-    for k in a:  # bit-identical on CPU up to float reassociation
-        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
-
-
-def _with_killer(step):
-    from sdft.train import build as real
-
-    def instantiate(node, *args, **kwargs):
-        if "callbacks" in kwargs:
-            kwargs["callbacks"] = [*kwargs["callbacks"], KillAt(step)]
-        return real(node, *args, **kwargs)
-
-    return instantiate
+# the kill/resume exactness tests: tests/test_resume.py
 
 
 def test_existing_run_folder_is_never_overwritten(trained_run):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from sdft.data.sampler import ResumableLoader, ResumableSampler
 from sdft.perf import FastPath
 
 
@@ -20,6 +21,19 @@ def micro_batch_size(loader: torch.utils.data.DataLoader) -> int:
     """Samples per batch of a loader, also when a batch sampler (aspect-ratio buckets) makes
     its batches."""
     return loader.batch_size or loader.batch_sampler.batch_size
+
+
+def recount_progress(trainer: L.Trainer, sampler: ResumableSampler) -> None:
+    """After a resume from another number of GPUs (or micro-batch size), Lightning's count of
+    the epoch's batches is in the saving run's units, and Lightning ends the epoch when that
+    count reaches the loader's length: recount it in this run's batches. The sampler already
+    starts where the saving run stopped (`rescale_position`)."""
+    loader, done = trainer.train_dataloader, sampler.units_trained()  # this rank's units
+    batches = done if sampler is loader.batch_sampler else done // micro_batch_size(loader)
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current  # restored from the checkpoint
+    shift = batches - progress.ready
+    for counter in ("ready", "started", "processed", "completed"):
+        setattr(progress, counter, getattr(progress, counter) + shift)
 
 
 class CheckpointMismatchError(ValueError):
@@ -50,7 +64,7 @@ class AdapterFineTuner(L.LightningModule):
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler],
         seed: int = 0,
         noise_offset: float = 0.0,
-        fast_path: FastPath | None = None,
+        fast_path: FastPath | None = None,  # a trainer callback too: it applies the switches
     ):
         super().__init__()
         self.pipeline = pipeline
@@ -76,9 +90,6 @@ class AdapterFineTuner(L.LightningModule):
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
-        if self.fast_path is not None:  # the module is still on the CPU here: ask the strategy
-            mixed = precision.endswith("-mixed")  # autocast: it casts the adapter's inputs
-            self.fast_path.apply(self.unet, self.trainer.strategy.root_device, mixed)
         if dtype is None:
             return
         for module in (self.unet, self.vae, self.text_encoder):
@@ -214,28 +225,22 @@ class AdapterFineTuner(L.LightningModule):
         torch.distributed.all_reduce(mean)
         return mean / world
 
-    def on_train_start(self) -> None:
-        # Lightning restarts a resumed epoch's dataloader at its first batch (and skips
-        # on_train_epoch_start); make the sampler skip what the checkpoint already trained.
-        fit_loop = self.trainer.fit_loop
+    def train_sampler(self) -> ResumableSampler | None:
+        """The training loader's resumable sampler (a batch sampler with aspect-ratio buckets)."""
         loader = self.trainer.train_dataloader
-        sampler = getattr(loader, "batch_sampler", None)  # aspect-ratio buckets: batches
-        if not hasattr(sampler, "skip_next"):
-            sampler = getattr(loader, "sampler", None)
-        if fit_loop.restarted_mid_epoch and hasattr(sampler, "skip_next"):
-            progress = fit_loop.epoch_loop.batch_progress.current  # counted before the save
-            batch_size, world = micro_batch_size(loader), self.trainer.world_size
-            # the epoch's samples that all ranks together trained before the save, as the
-            # checkpoint says: it may come from another number of GPUs or batch size
-            seen = getattr(self, "_resumed_epoch_samples", None)
-            seen = self.epoch_samples_done() if seen is None else seen
-            # ranks take the epoch's order round-robin, so the seen samples are its prefix
-            mine = seen // world
-            sampler.skip_next(mine)
-            # Lightning counts the epoch's batches in the saving run's units: recount in ours
-            shift = mine // batch_size - progress.ready
-            for counter in ("ready", "started", "processed", "completed"):
-                setattr(progress, counter, getattr(progress, counter) + shift)
+        return loader.resumable if isinstance(loader, ResumableLoader) else None
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # the sampler runs ahead of training (prefetch): tell it what training consumed, which
+        # is what a checkpoint records (ResumableLoader.state_dict). Counted here, before the
+        # batch trains, because checkpoints are written in callbacks' on_train_batch_end,
+        # which Lightning calls before the module's; none is written while a batch is trained.
+        if (sampler := self.train_sampler()) is not None:
+            sampler.batch_trained(len(batch["caption"]))
+
+    def on_train_start(self) -> None:
+        if (sampler := self.train_sampler()) is not None and sampler.resumed_from:
+            recount_progress(self.trainer, sampler)
 
     # -- checkpoints: the adapter and training state, never the frozen base ------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -243,19 +248,10 @@ class AdapterFineTuner(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k in trainable
         }
-        checkpoint["sdft"] = {**self.identity, "epoch_samples": self.epoch_samples_done()}
+        checkpoint["sdft"] = self.identity
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint(checkpoint.get("sdft"), self.identity, "<checkpoint>")
-        self._resumed_epoch_samples = checkpoint["sdft"].get("epoch_samples")
-
-    def epoch_samples_done(self) -> int:
-        """Samples of the current epoch trained so far, by all DDP ranks together."""
-        loader = self.trainer.train_dataloader
-        if loader is None:
-            return 0
-        ready = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return ready * micro_batch_size(loader) * self.trainer.world_size
 
     # -- inference -------------------------------------------------------------------
     def compile_stance(self, batch_size: int | None = None) -> contextlib.AbstractContextManager:

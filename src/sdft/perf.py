@@ -1,17 +1,19 @@
-"""Training speed as users compare it: samples/s in steady state and peak GPU memory."""
+"""The GPU fast path: the speed switches of `conf/perf/`, as a Lightning callback."""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import time
-from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch._inductor import config as inductor_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger(__name__)
 
 # torch's nominal order of the SDPA kernels; `perf.attention` moves one to the front. (Left
 # alone, torch on Hopper tries cuDNN first: seen in the H100 profiles, bench/RESULTS.md.)
@@ -29,84 +31,13 @@ ATTENTION_BACKENDS = {
 }
 
 
-class SpeedMonitor(L.Callback):
-    """Times optimiser steps after `warmup_steps` (compilation, allocator growth, cuDNN
-    autotuning stay out of the numbers); logs `perf/samples_per_s` and writes `perf.json`."""
-
-    def __init__(
-        self, warmup_steps: int = 10, out_file: str | None = None, print_every_n_steps: int = 0
-    ):
-        self.warmup_steps = warmup_steps
-        self.out_file = out_file
-        self.print_every_n_steps = print_every_n_steps  # >0: a progress line (logs, no bar)
-        self._t0: float | None = None
-        self._samples = 0
-        self._printed = -1
-
-    def _sync(self, module: L.LightningModule) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
-
-    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        # peak memory of training itself (model loading and cache building excluded)
-        if module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(module.device)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        every = self.print_every_n_steps
-        if every and step % every == 0 and trainer.is_global_zero and step != self._printed:
-            self._printed = step
-            rate = self._samples / (time.perf_counter() - self._t0) if self._samples else 0.0
-            print(f"sdft step {step}: {rate:.1f} samples/s since warm-up", flush=True)
-        if self._t0 is None:
-            if step >= self.warmup_steps:
-                self._sync(module)
-                self._t0, self._samples = time.perf_counter(), 0
-            return
-        self._samples += len(batch["caption"]) * trainer.world_size
-
-    def summary(self, module: L.LightningModule) -> dict:
-        if self._t0 is None or not self._samples:
-            return {}
-        self._sync(module)
-        seconds = time.perf_counter() - self._t0
-        out = {
-            "steps_done": module.trainer.global_step,  # fewer than max_steps after max_time
-            "samples_per_s": self._samples / seconds,
-            "timed_samples": self._samples,
-            "timed_seconds": seconds,
-        }
-        if module.device.type == "cuda":
-            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(module.device) / 1e9
-            out["device"] = torch.cuda.get_device_name(module.device)
-        return out
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        stats = self.summary(module)
-        if not stats or not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            logger.log_metrics(
-                {f"perf/{k}": v for k, v in stats.items() if k != "device"},
-                step=trainer.global_step,
-            )
-        print(
-            "sdft speed: "
-            + ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()
-            )
-        )
-        if self.out_file:
-            Path(self.out_file).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.out_file).write_text(json.dumps(stats, indent=1))
-
-
-class FastPath:
+class FastPath(L.Callback):
     """The GPU speed switches, each a config option (`conf/perf/`). They change how the step
     runs, never what it computes: `tests/test_perf.py` pins the same loss with and without.
 
-    Applied by the module at setup, on CUDA only unless `force` (tests use it on the CPU).
+    A callback: `setup` applies them (on CUDA only unless `force`: tests use it on the CPU),
+    `teardown` puts the process-wide ones (TF32, cudnn.benchmark, inductor settings, the SDPA
+    kernel order) back as they were. The defaults are `conf/perf/default.yaml`'s.
     """
 
     def __init__(
@@ -120,7 +51,7 @@ class FastPath:
         inductor: dict | None = None,
         attention: str | None = None,
         cudnn_benchmark: bool = False,
-        adapter_input_cast: bool = True,
+        adapter_input_cast: bool = False,
         force: bool = False,
     ):
         self.compile_unet = compile_unet  # inductor kernels; first steps pay the compile
@@ -143,7 +74,6 @@ class FastPath:
             names = list(ATTENTION_BACKENDS)
             raise ValueError(f"perf.attention: {attention!r} is not one of {names} or null")
         self.attention = attention
-        self.attention_order: contextlib.AbstractContextManager | None = None
         # cuDNN times its convolution algorithms on the first call of each shape and keeps the
         # fastest: the shapes here never change (cached latents, one micro-batch)
         self.cudnn_benchmark = cudnn_benchmark
@@ -154,6 +84,31 @@ class FastPath:
         self.force = force
         self.compiled = False
         self._batch_size: int | None = None  # the shape the UNet is compiled for
+        self._restore = contextlib.ExitStack()  # the process-wide switches, undone in teardown
+        self._first_step_t0: float | None = None  # times the first compiled step
+
+    # -- the callback ------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # the module is still on the CPU here: the strategy knows the training device
+        mixed = str(trainer.precision).endswith("-mixed")  # autocast casts adapter inputs
+        self.apply(pl_module.unet, trainer.strategy.root_device, mixed)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.restore()
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.compiled and self._first_step_t0 is None:
+            self._first_step_t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if self._first_step_t0 is not None and self._first_step_t0 > 0:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+            seconds = time.perf_counter() - self._first_step_t0
+            self._first_step_t0 = -1.0  # logged once
+            log.info(
+                "torch.compile: the first compiled step took %.1f s (compile included)", seconds
+            )
 
     def active(self, device: torch.device) -> bool:
         return device.type == "cuda" or self.force
@@ -172,12 +127,14 @@ class FastPath:
             # recompute in it, must pick the kernel the forward picked
             first = ATTENTION_BACKENDS[self.attention]
             order = [first, *(b for b in TORCH_ORDER if b != first)]
-            # held here: a dropped context manager would restore torch's order when collected
-            self.attention_order = sdpa_kernel(order, set_priority=True)
-            self.attention_order.__enter__()
+            # held open until `restore`: a dropped one would restore torch's order when collected
+            self._restore.enter_context(sdpa_kernel(order, set_priority=True))
         if self.cudnn_benchmark:
+            self._remember(torch.backends.cudnn, "benchmark")
             torch.backends.cudnn.benchmark = True
         if self.tf32:
+            self._remember(torch.backends.cuda.matmul, "allow_tf32")
+            self._remember(torch.backends.cudnn, "allow_tf32")
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.gradient_checkpointing:
@@ -186,10 +143,19 @@ class FastPath:
             unet.to(memory_format=torch.channels_last)
         if self.compile_unet:
             for key, value in self.inductor.items():  # for the process, as tf32
+                self._remember(inductor_config, key)
                 setattr(inductor_config, key, value)
             # in place (nn.Module.compile): parameter names, and so checkpoints, stay the same
             unet.compile(mode=self.compile_mode, dynamic=False)
             self.compiled = True
+
+    def _remember(self, owner: Any, name: str) -> None:
+        """Have `restore` set `owner.name` back to its value now."""
+        self._restore.callback(setattr, owner, name, getattr(owner, name))
+
+    def restore(self) -> None:
+        """Put the process-wide switches back as `apply` found them (last set, first undone)."""
+        self._restore.close()
 
     def stance(self, batch_size: int | None = None) -> contextlib.AbstractContextManager:
         """Run the compiled UNet for the training micro-batch (the first size seen) and any

@@ -15,12 +15,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdft.adapters.metadata import run_metadata
+from sdft.checkpoints import AtomicCheckpointIO, load_checkpoint
 from sdft.module import AdapterFineTuner, check_checkpoint
 from sdft.perf import FastPath
+from sdft.progress import StepBoundProgressBar
+from sdft.runs import check_fresh_output_dir, find_resume_checkpoint
 from sdft.sweep import check_trainer_fits_sweep
 
 log = logging.getLogger(__name__)
-RUN_ARTIFACTS = ("checkpoints", "pytorch_lora_weights.safetensors", "split.json", "csv", "previews")
 
 
 def build(node: DictConfig, **kwargs):
@@ -34,40 +36,37 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
-def check_fresh_output_dir(out: Path) -> None:
-    taken = [name for name in RUN_ARTIFACTS if (out / name).exists()]
-    if taken:
-        raise FileExistsError(
-            f"output directory {out} already holds a run ({', '.join(taken)}); "
-            "refusing to overwrite it: pick another hydra.run.dir"
-        )
-
-
-def find_latest_checkpoint(runs_dir: Path) -> Path:
-    ckpts = sorted(runs_dir.glob("*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not ckpts:
-        raise FileNotFoundError(f"resume=true but no checkpoint under {runs_dir}/*/checkpoints/")
-    return ckpts[-1]
-
-
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    if cfg.resume and cfg.ckpt_path is None:
-        return str(find_latest_checkpoint(Path(cfg.paths.output_root) / cfg.task_name))
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such file")
-    return cfg.ckpt_path
-
-
 def merge_accumulation(cfg: DictConfig, fast_path: FastPath) -> None:
     """batch b x accumulation k -> one micro-batch of b*k on the GPU: the same effective
-    batch and gradient (the mean over b*k samples) in k times fewer, fuller steps."""
-    k = cfg.trainer.accumulate_grad_batches
+    batch and gradient (the mean over b*k samples) in k times fewer, fuller steps. Said in
+    the log, and in the saved config.yaml (`merged_accumulation`, and the values that ran)."""
+    b, k = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
     on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     if fast_path.merge_accumulation and k > 1 and (on_gpu or fast_path.force):
+        change = (
+            f"data.batch_size={b} x trainer.accumulate_grad_batches={k} runs as "
+            f"data.batch_size={b * k} x trainer.accumulate_grad_batches=1"
+        )
         with open_dict(cfg):
-            cfg.data.batch_size = cfg.data.batch_size * k
+            cfg.data.batch_size = b * k
             cfg.trainer.accumulate_grad_batches = 1
-        log.info("fast path: micro-batch %d without accumulation", cfg.data.batch_size)
+            cfg.merged_accumulation = change
+        log.warning("perf.merge_accumulation: %s (same effective batch)", change)
+
+
+def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, dict | None]:
+    """The checkpoint this run starts from (`ckpt_path`, or `resume` picks one), loaded
+    safely, or (None, None). Raises before any model is loaded."""
+    if cfg.resume not in (False, True, "warm"):
+        raise ValueError(f"resume={cfg.resume!r}: must be false, true or warm")
+    if cfg.ckpt_path is not None:
+        if not Path(cfg.ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such file")
+        return str(cfg.ckpt_path), load_checkpoint(cfg.ckpt_path)
+    if cfg.resume:
+        checkpoint, path = find_resume_checkpoint(cfg)
+        return str(path), checkpoint
+    return None, None
 
 
 def finish_wandb(trainer: L.Trainer) -> None:
@@ -84,11 +83,11 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     if rank_zero_only.rank == 0:  # DDP ranks > 0 start after rank 0 has written here
         check_fresh_output_dir(out)
-    ckpt_path = resolve_ckpt_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     fast_path = build(cfg.perf)
     merge_accumulation(cfg, fast_path)
+    ckpt_path, checkpoint = resolve_checkpoint(cfg)  # settings compared as they will run
     # cheap checks first: the data is validated before any model is loaded
     datamodule: L.LightningDataModule = build(cfg.data)
     datamodule.setup("fit")
@@ -106,14 +105,26 @@ def run(cfg: DictConfig) -> dict:
         seed=cfg.seed,
         fast_path=fast_path,
     )
-    if ckpt_path:
-        meta = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("sdft")
-        check_checkpoint(meta, module.identity, ckpt_path)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint.get("sdft"), module.identity, ckpt_path)
+        if cfg.resume == "warm":  # the adapter's weights only: step 0, fresh optimizer
+            module.load_state_dict(checkpoint["state_dict"], strict=False)
+            log.info("resume=warm: adapter weights from %s, a fresh schedule", ckpt_path)
+            ckpt_path = None
 
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c]
+    callbacks.append(fast_path)
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepBoundProgressBar())
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg]
     profiler = build(cfg.profiler) if cfg.get("profiler") else None
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers, profiler=profiler)
+    trainer: L.Trainer = build(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        profiler=profiler,
+        plugins=[AtomicCheckpointIO()],
+    )
     check_trainer_fits_sweep(trainer)
 
     if trainer.is_global_zero:
@@ -124,7 +135,7 @@ def run(cfg: DictConfig) -> dict:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         started = time.time()  # the files' ss_training_started_at
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         record = run_metadata(cfg, out, trainer, datamodule, started)
         files = module.save_adapter(out, record) if trainer.is_global_zero else []
     finally:

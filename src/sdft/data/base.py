@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sdft.data.cache import build_or_load
-from sdft.data.sampler import SeededEpochSampler
+from sdft.data.sampler import ResumableLoader, SeededEpochSampler
 from sdft.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -83,5 +83,5 @@ class CachingDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
         if hasattr(sampler, "batch_size"):  # a batch sampler (aspect-ratio buckets)
-            return DataLoader(dataset, batch_sampler=sampler, **common)
-        return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, **common)
+            return ResumableLoader(dataset, batch_sampler=sampler, **common)
+        return ResumableLoader(dataset, batch_size=hp.batch_size, sampler=sampler, **common)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from sdft.data.base import write_split
 from sdft.data.caption_folder import decode, load_pixels
 from sdft.data.checks import BadSamples
-from sdft.data.sampler import SeededEpochSampler
+from sdft.data.sampler import ResumableLoader, SeededEpochSampler
 from sdft.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             class_images = self.class_images(folder)
         hp = self.hparams
         dataset = self.dataset(class_images)
-        return DataLoader(
+        return ResumableLoader(
             dataset,
             batch_size=hp.batch_size,
             sampler=SeededEpochSampler(len(dataset), seed=hp.seed, flip=hp.flip, with_epoch=True),

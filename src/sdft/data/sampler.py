@@ -1,5 +1,10 @@
 """Samplers whose every draw (order and flip) is a function of (seed, epoch): the same run
-gives the same batches on any machine, under DDP, and after a resume mid-epoch."""
+gives the same batches on any machine, under DDP, and after a resume mid-epoch.
+
+Resume: `ResumableLoader` is a DataLoader that Lightning checkpoints (it has `state_dict` /
+`load_state_dict`): its sampler's epoch and how much of the epoch training has consumed, which
+the training loop reports with `batch_trained` (the sampler itself runs ahead of training, in
+prefetching workers)."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 def world() -> tuple[int, int]:
@@ -18,7 +23,49 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-class SeededEpochSampler(Sampler[tuple]):
+def rescale_position(done: int, saved_world: int, world_size: int) -> int:
+    """This rank's start in the epoch after a resume: `done` units (samples or batches) of
+    each of `saved_world` ranks were trained. Ranks take the epoch's order round-robin, so
+    those are its first `done * saved_world` units, whatever the number of ranks now."""
+    return done * saved_world // world_size
+
+
+class ResumableSampler:
+    """The resume state both samplers share: the epoch, and how many units (samples or
+    batches) of this rank's share of it training consumed. Each count carries its epoch, so
+    a new epoch starts from its beginning."""
+
+    epoch = 0
+    _done = (0, 0)  # (epoch, units of this rank's share trained in it)
+    _skip = (0, 0)  # (epoch, units to skip when iterating it): from load_state_dict
+    resumed_from: dict | None = None  # the loaded state (see sdft.module.recount_progress)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def units_trained(self) -> int:
+        epoch, done = self._done
+        return done if epoch == self.epoch else 0
+
+    def count_trained(self, units: int) -> None:
+        self._done = (self.epoch, self.units_trained() + units)
+
+    def take_skip(self) -> int:
+        """Units to skip at the start of this iteration (once)."""
+        (epoch, skip), self._skip = self._skip, (0, 0)
+        return skip if epoch == self.epoch else 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "done": self.units_trained(), "world_size": world()[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(state["epoch"])
+        done = rescale_position(state["done"], state["world_size"], world()[1])
+        self._done = self._skip = (state["epoch"], done)
+        self.resumed_from = state
+
+
+class SeededEpochSampler(ResumableSampler, Sampler[tuple]):
     """Yields `(index, flip)` (or `(index, flip, epoch)` with `with_epoch`); shuffles per epoch,
     shards across DDP ranks, can skip ahead.
 
@@ -41,15 +88,9 @@ class SeededEpochSampler(Sampler[tuple]):
         self.shuffle = shuffle
         self.flip = flip
         self.with_epoch = with_epoch
-        self.epoch = 0
-        self._skip = 0  # samples of this rank's share already trained (resume mid-epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def skip_next(self, num_samples: int) -> None:
-        """Start the next iteration `num_samples` into this rank's share of the epoch."""
-        self._skip = num_samples
+    def batch_trained(self, num_samples: int) -> None:
+        self.count_trained(num_samples)  # state in samples
 
     def __len__(self) -> int:
         return -(-self.num_samples // world()[1])
@@ -71,12 +112,12 @@ class SeededEpochSampler(Sampler[tuple]):
         per_rank = len(self)
         order = order + order[: per_rank * size - self.num_samples]  # pad evenly
         mine = order[rank::size]
-        skip, self._skip = self._skip, 0
+        skip = self.take_skip()
         for i in mine[skip:]:
             yield self.key(i, flips[i])
 
 
-class BucketBatchSampler(Sampler[list[tuple]]):
+class BucketBatchSampler(ResumableSampler, Sampler[list[tuple]]):
     """Batches of one aspect-ratio bucket each (kohya-style bucketing), seeded per epoch.
 
     `buckets[i]` is sample i's bucket. Each epoch takes the `SeededEpochSampler` order of all
@@ -84,6 +125,7 @@ class BucketBatchSampler(Sampler[list[tuple]]):
     one of a bucket may be smaller), orders the batches by their first sample's position in
     the epoch order, and deals whole batches to the DDP ranks. `self.sampler` is that inner
     sampler: Lightning calls `set_epoch` on `batch_sampler.sampler`, so the epoch reaches it.
+    The resume state counts whole batches (a bucket's last batch may be smaller).
     """
 
     def __init__(
@@ -97,13 +139,18 @@ class BucketBatchSampler(Sampler[list[tuple]]):
         self.buckets = list(buckets)
         self.batch_size = batch_size
         self.sampler = SeededEpochSampler(len(buckets), seed, flip=flip, with_epoch=with_epoch)
-        self._skip = 0  # batches of this rank's share already trained
         # each bucket's samples make ceil(n / batch_size) batches (the last may be smaller)
         self.num_batches = sum(-(-n // batch_size) for n in Counter(self.buckets).values())
 
-    def skip_next(self, num_samples: int) -> None:
-        """Start the next iteration `num_samples` (whole batches) into this rank's share."""
-        self._skip = num_samples // self.batch_size
+    @property
+    def epoch(self) -> int:  # Lightning sets the inner sampler's
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def batch_trained(self, num_samples: int) -> None:
+        self.count_trained(1)  # state in batches
 
     def __len__(self) -> int:
         return -(-self.num_batches // world()[1])
@@ -126,5 +173,21 @@ class BucketBatchSampler(Sampler[list[tuple]]):
         batches = self.epoch_batches()
         rank, size = world()
         batches = batches + batches[: len(self) * size - len(batches)]  # pad evenly
-        skip, self._skip = self._skip, 0
+        skip = self.take_skip()
         yield from batches[rank::size][skip:]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a `ResumableSampler` (as `sampler` or `batch_sampler`) that Lightning
+    saves in and restores from checkpoints."""
+
+    @property
+    def resumable(self) -> ResumableSampler:
+        inner = self.batch_sampler
+        return inner if isinstance(inner, ResumableSampler) else self.sampler
+
+    def state_dict(self) -> dict:
+        return self.resumable.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resumable.load_state_dict(state)
