@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sdft.adapters.export import run_metadata
 from sdft.module import AdapterFineTuner, check_checkpoint
 from sdft.perf import FastPath
+from sdft.stop import GracefulStop, write_status
 from sdft.sweep import check_trainer_fits_sweep
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ def run(cfg: DictConfig) -> dict:
         check_checkpoint(meta, module.identity, ckpt_path)
 
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c]
+    # Ctrl+C / SIGTERM / the UI's Cancel: adapter + checkpoint saved, status.json "cancelled"
+    callbacks.append(GracefulStop(out, metadata=lambda: run_metadata(cfg, out)))
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg]
     profiler = build(cfg.profiler) if cfg.get("profiler") else None
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers, profiler=profiler)
@@ -124,6 +127,8 @@ def run(cfg: DictConfig) -> dict:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         files = module.save_adapter(out, run_metadata(cfg, out)) if trainer.is_global_zero else []
+        if trainer.is_global_zero:
+            write_status(out, "finished", step=trainer.global_step, files=[str(f) for f in files])
     finally:
         finish_wandb(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -1,0 +1,412 @@
+"""The Gradio page: Data, Train, Generate and Runs tabs over one workspace folder.
+
+The page never trains: Start runs `train.py` (jobs.py), and everything it shows of a run is
+read from that run's files. Generation runs in this process through `sdft.generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from sdft.generate import SAMPLERS, AdapterSpec, resolve_file
+from sdft.ui import runs, uploads
+from sdft.ui.form import (
+    DATA_SOURCES,
+    METHODS,
+    PRESETS,
+    FormError,
+    TrainForm,
+    check_overrides,
+    command,
+    to_overrides,
+)
+from sdft.ui.generation import Generator, parse_extra
+from sdft.ui.jobs import JobBusy, JobRunner
+
+log = logging.getLogger(__name__)
+FIELDS = [f.name for f in dataclasses.fields(TrainForm)]
+EVERY_S = 1.0  # how often the Train tab reads the run's files
+
+
+def fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
+    return pd.DataFrame(losses or [], columns=["step", "train/loss"])
+
+
+class App:
+    """The page's state: workspace folders, the job runner, the generator."""
+
+    def __init__(self, workspace: Path, base_overrides: list[str], form: TrainForm, load_pipe):
+        self.workspace = Path(workspace)
+        self.upload_dir = self.workspace / "uploads" / "instance"
+        self.runs_dir = self.workspace / "runs"
+        self.base_overrides = base_overrides  # model, device, eval: before the form's
+        self.form = form
+        self.jobs = JobRunner(self.runs_dir)
+        self.generator = Generator(load_pipe)
+
+    # -- Data ------------------------------------------------------------------------
+    def gallery(self) -> tuple[list, str]:
+        items = uploads.list_images(self.upload_dir)
+        note = f"{len(items)} images in {self.upload_dir}" if items else "no images yet"
+        return [(str(p), f"{p.name}: {c}") for p, c in items], note
+
+    def add_images(self, files: list | None, caption: str):
+        if files:
+            paths = [getattr(f, "name", f) for f in files]
+            try:
+                uploads.store_uploads(
+                    paths, self.upload_dir, caption, [Path(p).name for p in paths]
+                )
+            except uploads.UploadError as e:
+                raise gr.Error(str(e)) from None
+        return *self.gallery(), None
+
+    def select_image(self, event: gr.SelectData) -> tuple[str, str]:
+        items = uploads.list_images(self.upload_dir)
+        path, caption = items[event.index]
+        return path.name, caption
+
+    def save_caption(self, name: str, caption: str):
+        if name:
+            uploads.write_caption(uploads.inside(self.upload_dir, name), caption)
+        return self.gallery()
+
+    def delete_image(self, name: str):
+        if name:
+            uploads.delete_image(self.upload_dir, name)
+        return *self.gallery(), ""
+
+    def delete_all(self):
+        uploads.delete_all(self.upload_dir)
+        return *self.gallery(), ""
+
+    # -- Train -----------------------------------------------------------------------
+    def overrides(self, *values) -> list[str]:
+        form = TrainForm(**dict(zip(FIELDS, values, strict=True)))
+        if form.data_source == "uploads":
+            form.data_path = str(self.upload_dir)
+        return [*self.base_overrides, *to_overrides(form)]
+
+    def show_command(self, *values) -> str:
+        try:
+            return command(self.overrides(*values))
+        except FormError as e:
+            return f"# not valid yet: {e}"
+
+    def start(self, *values):
+        try:
+            overrides = self.overrides(*values)
+            check_overrides(overrides)
+            if values[FIELDS.index("data_source")] == "uploads" and not uploads.list_images(
+                self.upload_dir
+            ):
+                raise FormError("data_source", "no uploaded images: add some in the Data tab")
+            job = self.jobs.start("ui", overrides, int(float(values[FIELDS.index("steps")])))
+        except (FormError, JobBusy) as e:
+            raise gr.Error(str(e)) from None
+        return f"started: `{job.run_dir}`"
+
+    def cancel(self) -> str:
+        return self.jobs.cancel()
+
+    def resume(self, run_name: str | None = None) -> str:
+        job = self.jobs.job
+        run_dir = self.runs_dir / run_name if run_name else (job.run_dir if job else None)
+        if run_dir is None:
+            raise gr.Error("no run to resume")
+        try:
+            new = self.jobs.resume(run_dir)
+        except (FileNotFoundError, JobBusy) as e:
+            raise gr.Error(str(e)) from None
+        return f"resumed {run_dir.name} as `{new.run_dir}`"
+
+    def progress(self):
+        p = self.jobs.progress()
+        if p["state"] == "idle":
+            return "idle: no training started yet", loss_frame([]), None, [], "", None
+        head = f"**{p['state']}** · step {p['step']} / {p['total']}"
+        if p["state"] == "running":
+            head += f" · {p['samples_per_s']:.2f} samples/s · ETA {fmt_eta(p['eta_s'])}"
+        if p["error"]:
+            head += f"\n\n**error:** `{p['error']}`"
+        if p["files"]:
+            head += f"\n\nadapter and checkpoint in `{p['run_dir']}`"
+        previews = [str(x) for x in p["previews"]]
+        files = [str(f) for f in p["files"]] or None
+        newest = previews[-1] if previews else None
+        gallery = [(x, Path(x).stem) for x in reversed(previews)]
+        return head, loss_frame(p["losses"]), newest, gallery, p["log"], files
+
+    # -- Generate --------------------------------------------------------------------
+    def adapter_choices(self) -> list[str]:
+        return [
+            row[0] for row in runs.list_runs(self.runs_dir) if row[1] in ("finished", "cancelled")
+        ]
+
+    def pick_adapter(self, run_name: str | None, upload) -> Path:
+        if upload is not None:
+            path = Path(getattr(upload, "name", upload))
+            if path.suffix != ".safetensors":
+                raise gr.Error(f"{path.name}: not a .safetensors file")
+            return path
+        if not run_name:
+            raise gr.Error("pick a run or upload a .safetensors adapter")
+        try:
+            return resolve_file(self.runs_dir / run_name)
+        except FileNotFoundError as e:
+            raise gr.Error(str(e)) from None
+
+    def generate(self, run_name, upload, prompt, negative, sampler, steps, cfg, seed, scale,
+                 resolution, extra, compare):  # fmt: skip
+        adapter = self.pick_adapter(run_name, upload)
+        kwargs = dict(
+            prompt=prompt, negative_prompt=negative, sampler=sampler, steps=int(steps),
+            guidance_scale=float(cfg), resolution=int(resolution) or None,
+        )  # fmt: skip
+        try:
+            others = parse_extra(extra)
+            if compare:
+                grid, scales = self.generator.compare_scales(adapter, others, int(seed), **kwargs)
+                label = "scales " + ", ".join(f"{s:g}" for s in scales) + " (left to right)"
+                return grid, label
+            specs = [AdapterSpec(adapter, float(scale)), *others]
+            image = self.generator.images(specs, seeds=[int(seed)], **kwargs)[0]
+        except (ValueError, FileNotFoundError) as e:
+            raise gr.Error(str(e)) from None
+        return image, f"{adapter.name} at scale {float(scale):g}, seed {int(seed)}"
+
+    # -- Runs ------------------------------------------------------------------------
+    def runs_table(self):
+        rows = runs.list_runs(self.runs_dir)
+        names = [r[0] for r in rows]
+        frame = pd.DataFrame(rows, columns=["run", "status", "method", "step", "loss"])
+        return frame, gr.Dropdown(choices=names, value=names[0] if names else None)
+
+    def run_details(self, name: str | None):
+        if not name:
+            return "", "", loss_frame([]), None, []
+        d = runs.run_details(self.runs_dir / name)
+        head = f"**{d['status']}**" + (f": `{d['error']}`" if d["error"] else "")
+        images = [str(p) for p in d["plots"] + d["previews"][-1:]]
+        return (
+            head,
+            d["config"],
+            loss_frame(d["losses"]),
+            [str(f) for f in d["files"]] or None,
+            images,
+        )
+
+    def evaluate(self, name: str | None) -> str:
+        if not name:
+            raise gr.Error("pick a run")
+        extra = [o for o in self.base_overrides if o.startswith(("eval=", "model"))]
+        process = runs.start_evaluation(self.runs_dir / name, extra)
+        return f"evaluate.py started (pid {process.pid}); plots appear here when it is done"
+
+
+def build(app: App) -> gr.Blocks:
+    f = app.form
+    with gr.Blocks(title="sdft") as page:
+        gr.Markdown("## sdft: train and try adapters · every run is a `python train.py` command")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Data", id="data"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        files = gr.File(
+                            file_count="multiple", label="Add instance images", file_types=["image"]
+                        )
+                        new_caption = gr.Textbox(
+                            f.instance_prompt, label="Caption for new images (a .txt each)"
+                        )
+                        data_note = gr.Markdown()
+                        data_source = gr.Radio(
+                            list(DATA_SOURCES),
+                            value=f.data_source,
+                            label="Train on",
+                            info="uploads: the images here; folder: images + metadata.jsonl "
+                            "or .txt; quickdraw: data/quickdraw",
+                        )
+                        data_path = gr.Textbox(f.data_path, label="Folder (data source 'folder')")
+                    with gr.Column(scale=2):
+                        gallery = gr.Gallery(
+                            label="Instance images (click one to edit)", columns=4, height=360
+                        )
+                        with gr.Row():
+                            picked = gr.Textbox(label="Selected image", interactive=False)
+                            picked_caption = gr.Textbox(label="Its caption")
+                        with gr.Row():
+                            save_btn = gr.Button("Save caption")
+                            del_btn = gr.Button("Delete image")
+                            del_all_btn = gr.Button("Delete all", variant="stop")
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    preset = gr.Dropdown(list(PRESETS), value=None, label="Preset")
+                    method = gr.Dropdown(
+                        [(k, v) for k, v in METHODS.items()], value=f.method, label="Method"
+                    )
+                with gr.Row():
+                    instance_prompt = gr.Textbox(f.instance_prompt, label="Instance prompt")
+                    token = gr.Textbox(f.token, label="Token (Textual Inversion: the new word)")
+                    class_prompt = gr.Textbox(f.class_prompt, label="Class prompt")
+                    prior_weight = gr.Number(f.prior_weight, label="Prior weight")
+                    num_class_images = gr.Number(
+                        f.num_class_images, label="Class images", precision=0
+                    )
+                with gr.Row():
+                    preview_prompt = gr.Textbox(f.preview_prompt, label="Preview prompt")
+                    preview_negative = gr.Textbox(
+                        f.preview_negative, label="Preview negative prompt"
+                    )
+                    preview_every = gr.Number(
+                        f.preview_every, label="Preview every N steps", precision=0
+                    )
+                    preview_seed = gr.Number(f.preview_seed, label="Preview seed", precision=0)
+                with gr.Row():
+                    steps = gr.Number(f.steps, label="Steps", precision=0)
+                    lr = gr.Number(f.lr, label="Learning rate")
+                    batch_size = gr.Number(f.batch_size, label="Batch size", precision=0)
+                    accumulation = gr.Number(f.accumulation, label="Accumulation", precision=0)
+                    rank = gr.Slider(1, 128, value=f.rank, step=1, label="Rank")
+                    alpha = gr.Number(f.alpha, label="Alpha")
+                    resolution = gr.Number(f.resolution, label="Resolution", precision=0)
+                with gr.Accordion("Advanced: any other key, as Hydra overrides", open=False):
+                    advanced = gr.Textbox(
+                        f.advanced,
+                        label="Overrides",
+                        placeholder="optim=adamw8bit method.dropout=0.1",
+                    )
+                cmd = gr.Textbox(
+                    label="The command Start runs", buttons=["copy"], lines=2, interactive=False
+                )
+                with gr.Row():
+                    start_btn = gr.Button("Start", variant="primary")
+                    cancel_btn = gr.Button("Cancel", variant="stop")
+                    resume_btn = gr.Button("Resume")
+                message = gr.Markdown()
+                status = gr.Markdown(elem_id="train-status")
+                with gr.Row():
+                    loss_plot = gr.LinePlot(
+                        loss_frame([]), x="step", y="train/loss", label="Loss", height=260
+                    )
+                    preview = gr.Image(label="Newest preview", elem_id="newest-preview", height=260)
+                adapter_files = gr.File(label="Adapter files (download)", elem_id="adapter-files")
+                previews = gr.Gallery(label="Earlier previews", columns=6, height=200)
+                log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True)
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column():
+                        with gr.Row():
+                            gen_run = gr.Dropdown(
+                                app.adapter_choices(), label="Run", elem_id="gen-run"
+                            )
+                            refresh_gen = gr.Button("Refresh runs", scale=0)
+                        gen_upload = gr.File(
+                            label="... or an adapter .safetensors", file_types=[".safetensors"]
+                        )
+                        gen_prompt = gr.Textbox(f.preview_prompt, label="Prompt")
+                        gen_negative = gr.Textbox(f.preview_negative, label="Negative prompt")
+                        with gr.Row():
+                            gen_sampler = gr.Dropdown(
+                                list(SAMPLERS), value="dpmpp_2m", label="Sampler"
+                            )
+                            gen_steps = gr.Number(20, label="Steps", precision=0)
+                            gen_cfg = gr.Number(7.0, label="CFG")
+                            gen_seed = gr.Number(0, label="Seed", precision=0)
+                            gen_res = gr.Number(f.resolution, label="Resolution", precision=0)
+                        gen_scale = gr.Slider(0, 1.5, value=1.0, step=0.05, label="LoRA scale")
+                        gen_extra = gr.Textbox(
+                            label="More adapters (path:weight, one a line)", lines=2
+                        )
+                        with gr.Row():
+                            gen_btn = gr.Button("Generate", variant="primary")
+                            compare_btn = gr.Button("Compare scales 0 / 0.25 / 0.5 / 0.75 / 1")
+                    with gr.Column():
+                        gen_image = gr.Image(label="Image", elem_id="gen-image", format="png")
+                        gen_note = gr.Markdown()
+            with gr.Tab("Runs", id="runs"):
+                with gr.Row():
+                    refresh_runs = gr.Button("Refresh", scale=0)
+                    run_pick = gr.Dropdown([], label="Run")
+                runs_df = gr.Dataframe(label="Runs", interactive=False)
+                run_status = gr.Markdown()
+                with gr.Row():
+                    open_btn = gr.Button("Open in Generate")
+                    eval_btn = gr.Button("Evaluate (evaluate.py)")
+                    run_resume_btn = gr.Button("Resume")
+                with gr.Row():
+                    run_loss = gr.LinePlot(
+                        loss_frame([]), x="step", y="train/loss", label="Loss", height=220
+                    )
+                    run_files = gr.File(label="Files (download)")
+                run_plots = gr.Gallery(
+                    label="Evaluation plots and the last preview", columns=4, height=240
+                )
+                with gr.Accordion("Settings (config.yaml)", open=False):
+                    run_config = gr.Code(language="yaml")
+
+        form_inputs = [method, data_source, data_path, instance_prompt, token, class_prompt,
+                       prior_weight, num_class_images, preview_prompt, preview_negative,
+                       preview_every, preview_seed, steps, lr, batch_size, accumulation, rank,
+                       alpha, resolution, advanced]  # fmt: skip
+        assert [c for c in FIELDS] == [
+            "method", "data_source", "data_path", "instance_prompt", "token", "class_prompt",
+            "prior_weight", "num_class_images", "preview_prompt", "preview_negative",
+            "preview_every", "preview_seed", "steps", "lr", "batch_size", "accumulation", "rank",
+            "alpha", "resolution", "advanced",
+        ]  # fmt: skip
+        page.load(app.gallery, outputs=[gallery, data_note])
+        page.load(app.show_command, form_inputs, cmd)
+        files.upload(app.add_images, [files, new_caption], [gallery, data_note, files])
+        gallery.select(app.select_image, None, [picked, picked_caption])
+        save_btn.click(app.save_caption, [picked, picked_caption], [gallery, data_note])
+        del_btn.click(app.delete_image, picked, [gallery, data_note, picked])
+        del_all_btn.click(app.delete_all, None, [gallery, data_note, picked])
+        gr.on([c.change for c in form_inputs], app.show_command, form_inputs, cmd)
+
+        def apply_preset(name):
+            values = PRESETS.get(name, {})
+            return [values.get(k, gr.skip()) for k in FIELDS]
+
+        preset.change(apply_preset, preset, form_inputs)
+        start_btn.click(app.start, form_inputs, message)
+        cancel_btn.click(app.cancel, None, message)
+        resume_btn.click(lambda: app.resume(None), None, message)
+        timer = gr.Timer(EVERY_S)
+        timer.tick(
+            app.progress, None, [status, loss_plot, preview, previews, log_tail, adapter_files],
+            show_progress="hidden",
+        )  # fmt: skip
+
+        refresh_gen.click(lambda: gr.Dropdown(choices=app.adapter_choices()), None, gen_run)
+        gen_inputs = [gen_run, gen_upload, gen_prompt, gen_negative, gen_sampler, gen_steps,
+                      gen_cfg, gen_seed, gen_scale, gen_res, gen_extra]  # fmt: skip
+        gen_btn.click(lambda *a: app.generate(*a, False), gen_inputs, [gen_image, gen_note])
+        compare_btn.click(lambda *a: app.generate(*a, True), gen_inputs, [gen_image, gen_note])
+
+        refresh_runs.click(app.runs_table, None, [runs_df, run_pick])
+        page.load(app.runs_table, None, [runs_df, run_pick])
+        run_pick.change(
+            app.run_details, run_pick, [run_status, run_config, run_loss, run_files, run_plots]
+        )
+
+        def open_in_generate(name):
+            return gr.Dropdown(choices=app.adapter_choices(), value=name), gr.Tabs(
+                selected="generate"
+            )
+
+        open_btn.click(open_in_generate, run_pick, [gen_run, tabs])
+        eval_btn.click(app.evaluate, run_pick, run_status)
+        run_resume_btn.click(app.resume, run_pick, run_status)
+    return page
