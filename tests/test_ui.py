@@ -151,7 +151,10 @@ def test_quoted_values_parse_back_to_the_same_text(text):
 
 
 def test_command_is_what_a_shell_passes_back_as_the_overrides():
-    overrides = to_overrides(TrainForm(data_path="/tmp/it's here", instance_prompt='say "sks"'))
+    form = TrainForm(
+        data_path="/tmp/it's here", instance_prompt='say "sks"', advanced="~callbacks.preview"
+    )
+    overrides = to_overrides(form)
     line = command(overrides)
     assert line.startswith("python train.py method=dreambooth_lora ")
     argv = subprocess.run(
@@ -237,6 +240,21 @@ def test_second_start_is_refused_while_one_runs(tmp_path):
     assert runner.cancel().startswith("cancelled before training started: nothing saved")
     assert runner.progress()["state"] == "cancelled"
     assert runner.start("c", [], 10).run_dir != first.run_dir  # free again
+
+
+def test_failed_run_reports_failed_with_its_error(tmp_path):
+    fake = tmp_path / "fake_python"  # prints what Hydra prints for a bad value, exits 1
+    fake.write_text(
+        "#!/bin/sh\necho 'Error executing job with overrides: []'\n"
+        "echo 'ValueError: data.instance_prompt is empty'\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    runner = JobRunner(tmp_path / "runs", python=str(fake))
+    runner.start("bad", [], 10).process.wait(30)
+    progress = runner.progress()
+    assert (progress["state"], progress["error"]) == (
+        "failed", "ValueError: data.instance_prompt is empty",
+    )  # fmt: skip
 
 
 def test_failed_run_shows_the_exception_line():

@@ -132,10 +132,12 @@ class App:
             raise gr.Error(str(e)) from None
         return f"resumed {run_dir.name} as `{new.run_dir}`"
 
-    def progress(self):
+    def progress(self, shown: dict | None):
+        """The Train tab's progress; `shown` (per page) holds what that page already shows,
+        so images, files and the plot are re-sent only when they change."""
         p = self.jobs.progress()
         if p["state"] == "idle":
-            return "idle: no training started yet", loss_frame([]), None, [], "", None
+            return "idle: no training started yet", *[gr.skip()] * 5, shown
         head = f"**{p['state']}** · step {p['step']} / {p['total']}"
         if p["state"] == "running":
             head += f" · {p['samples_per_s']:.2f} samples/s · ETA {fmt_eta(p['eta_s'])}"
@@ -144,10 +146,22 @@ class App:
         if p["files"]:
             head += f"\n\nadapter and checkpoint in `{p['run_dir']}`"
         previews = [str(x) for x in p["previews"]]
-        files = [str(f) for f in p["files"]] or None
-        newest = previews[-1] if previews else None
-        gallery = [(x, Path(x).stem) for x in reversed(previews)]
-        return head, loss_frame(p["losses"]), newest, gallery, p["log"], files
+        files = [str(f) for f in p["files"]]
+        now = {"losses": p["losses"], "previews": previews, "files": files}
+        old = shown or {}
+
+        def changed(key, value):
+            return value if old.get(key) != now[key] else gr.skip()
+
+        return (
+            head,
+            changed("losses", loss_frame(p["losses"])),
+            changed("previews", previews[-1] if previews else None),
+            changed("previews", [(x, Path(x).stem) for x in reversed(previews)]),
+            p["log"],
+            changed("files", files or None),
+            now,
+        )
 
     # -- Generate --------------------------------------------------------------------
     def adapter_choices(self) -> list[str]:
@@ -225,7 +239,10 @@ def build(app: App) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column(scale=1):
                         files = gr.File(
-                            file_count="multiple", label="Add instance images", file_types=["image"]
+                            elem_id="data-files",
+                            file_count="multiple",
+                            label="Add instance images",
+                            file_types=["image"],
                         )
                         new_caption = gr.Textbox(
                             f.instance_prompt, label="Caption for new images (a .txt each)"
@@ -270,11 +287,14 @@ def build(app: App) -> gr.Blocks:
                         f.preview_negative, label="Preview negative prompt"
                     )
                     preview_every = gr.Number(
-                        f.preview_every, label="Preview every N steps", precision=0
+                        f.preview_every,
+                        label="Preview every N steps",
+                        precision=0,
+                        elem_id="train-preview-every",
                     )
                     preview_seed = gr.Number(f.preview_seed, label="Preview seed", precision=0)
                 with gr.Row():
-                    steps = gr.Number(f.steps, label="Steps", precision=0)
+                    steps = gr.Number(f.steps, label="Steps", precision=0, elem_id="train-steps")
                     lr = gr.Number(f.lr, label="Learning rate")
                     batch_size = gr.Number(f.batch_size, label="Batch size", precision=0)
                     accumulation = gr.Number(f.accumulation, label="Accumulation", precision=0)
@@ -288,7 +308,11 @@ def build(app: App) -> gr.Blocks:
                         placeholder="optim=adamw8bit method.dropout=0.1",
                     )
                 cmd = gr.Textbox(
-                    label="The command Start runs", buttons=["copy"], lines=2, interactive=False
+                    label="The command Start runs",
+                    buttons=["copy"],
+                    lines=2,
+                    interactive=False,
+                    elem_id="train-command",
                 )
                 with gr.Row():
                     start_btn = gr.Button("Start", variant="primary")
@@ -321,7 +345,9 @@ def build(app: App) -> gr.Blocks:
                             gen_sampler = gr.Dropdown(
                                 list(SAMPLERS), value="dpmpp_2m", label="Sampler"
                             )
-                            gen_steps = gr.Number(20, label="Steps", precision=0)
+                            gen_steps = gr.Number(
+                                20, label="Steps", precision=0, elem_id="gen-steps"
+                            )
                             gen_cfg = gr.Number(7.0, label="CFG")
                             gen_seed = gr.Number(0, label="Seed", precision=0)
                             gen_res = gr.Number(f.resolution, label="Resolution", precision=0)
@@ -337,9 +363,9 @@ def build(app: App) -> gr.Blocks:
                         gen_note = gr.Markdown()
             with gr.Tab("Runs", id="runs"):
                 with gr.Row():
-                    refresh_runs = gr.Button("Refresh", scale=0)
+                    refresh_runs = gr.Button("Refresh", scale=0, elem_id="runs-refresh")
                     run_pick = gr.Dropdown([], label="Run")
-                runs_df = gr.Dataframe(label="Runs", interactive=False)
+                runs_df = gr.Dataframe(label="Runs", interactive=False, elem_id="runs-table")
                 run_status = gr.Markdown()
                 with gr.Row():
                     open_btn = gr.Button("Open in Generate")
@@ -384,8 +410,10 @@ def build(app: App) -> gr.Blocks:
         cancel_btn.click(app.cancel, None, message)
         resume_btn.click(lambda: app.resume(None), None, message)
         timer = gr.Timer(EVERY_S)
+        shown = gr.State(None)  # what this page shows already (see App.progress)
         timer.tick(
-            app.progress, None, [status, loss_plot, preview, previews, log_tail, adapter_files],
+            app.progress, shown,
+            [status, loss_plot, preview, previews, log_tail, adapter_files, shown],
             show_progress="hidden",
         )  # fmt: skip
 

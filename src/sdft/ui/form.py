@@ -110,7 +110,8 @@ def quote(value: str) -> str:
 
 def shell_quote(arg: str) -> str:
     """Quote for a POSIX shell, readably: "key='a b'" rather than shlex's '"'"' chains."""
-    if re.fullmatch(r"[\w./:=+~,-]+", arg):  # no [ ]: globs in bash, errors in zsh
+    # plain: no [ ] (globs in bash, errors in zsh), no leading ~ (a home directory)
+    if re.fullmatch(r"[\w./:=+~,-]+", arg) and not arg.startswith("~"):
         return arg
     if not re.search(r'["$`\\!]', arg):
         return f'"{arg}"'
