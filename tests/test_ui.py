@@ -273,7 +273,7 @@ TINY_RUN = [
     "data.num_class_images=0", "data.resolution=32", "data.num_workers=0",
     "trainer.max_steps=100000", "trainer.max_epochs=-1", "~callbacks.scale_sweep",
     "callbacks.preview.every_n_steps=0", "callbacks.speed.print_every_n_steps=1",
-    "trainer.enable_progress_bar=false", "optim.lr=1e-2",
+    "trainer.enable_progress_bar=false", "optim.lr=1e-2", "trainer.log_every_n_steps=1",
 ]  # fmt: skip
 
 

@@ -119,7 +119,7 @@ def test_upload_train_preview_cancel_download_generate(ui, tmp_path):
         # Cancel: the adapter is saved from the current weights and offered for download
         page.get_by_role("button", name="Cancel").click()
         expect(page.locator("#train-status")).to_contain_text("cancelled", timeout=SLOW)
-        link = page.locator("#adapter-files a", has_text="pytorch_lora_weights")
+        link = page.locator('#adapter-files a[download="pytorch_lora_weights.safetensors"]')
         expect(link.first).to_be_visible(timeout=SLOW)
         status = read_status(run_dir)
         assert status["status"] == "cancelled" and 5 <= status["step"] < 20

@@ -50,18 +50,18 @@ class GracefulStop(L.Callback):
             write_status(self.out_dir, "running", step=trainer.global_step)
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, error: BaseException):
-        if not trainer.is_global_zero:
-            return
         step = trainer.global_step
         if not isinstance(error, (KeyboardInterrupt, SIGTERMException)):
-            write_status(
-                self.out_dir, "failed", step=step, error=f"{type(error).__name__}: {error}"
-            )
+            if trainer.is_global_zero:
+                write_status(
+                    self.out_dir, "failed", step=step, error=f"{type(error).__name__}: {error}"
+                )
+            return
+        ckpt = self.out_dir / CANCELLED_CKPT
+        trainer.save_checkpoint(ckpt)  # on every rank: under DDP it synchronises them
+        if not trainer.is_global_zero:
             return
         files = module.save_adapter(self.out_dir, self.metadata())
-        ckpt = self.out_dir / CANCELLED_CKPT
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(ckpt)
         write_status(
             self.out_dir, "cancelled", step=step, files=[str(f) for f in files], ckpt=str(ckpt)
         )

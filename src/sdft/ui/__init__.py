@@ -51,7 +51,7 @@ def warn_if_exposed(cfg: DictConfig) -> str | None:
 def run(cfg: DictConfig) -> None:
     """Build the page from `conf/ui.yaml` and serve it until Ctrl+C."""
     from sdft.generate import prepare_pipeline
-    from sdft.ui.app import App, build
+    from sdft.ui.app import CSS, App, build
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     hc = HydraConfig.get()
@@ -78,4 +78,5 @@ def run(cfg: DictConfig) -> None:
         auth=tuple(cfg.auth) if cfg.auth else None,
         allowed_paths=[str(workspace)],
         inbrowser=False,
+        css=CSS,
     )

@@ -31,6 +31,11 @@ from sdft.ui.jobs import JobBusy, JobRunner
 log = logging.getLogger(__name__)
 FIELDS = [f.name for f in dataclasses.fields(TrainForm)]
 EVERY_S = 1.0  # how often the Train tab reads the run's files
+# small previews (64 px on the tiny model) drawn large and sharp; galleries never crop
+CSS = """
+#newest-preview img, #gen-image img {width: 100%; height: 100%; object-fit: contain;
+  image-rendering: pixelated}
+"""
 
 
 def fmt_eta(seconds: float | None) -> str:
@@ -41,7 +46,7 @@ def fmt_eta(seconds: float | None) -> str:
 
 
 def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
-    return pd.DataFrame(losses or [], columns=["step", "train/loss"])
+    return pd.DataFrame(losses or [], columns=["step", "loss"])
 
 
 class App:
@@ -258,7 +263,10 @@ def build(app: App) -> gr.Blocks:
                         data_path = gr.Textbox(f.data_path, label="Folder (data source 'folder')")
                     with gr.Column(scale=2):
                         gallery = gr.Gallery(
-                            label="Instance images (click one to edit)", columns=4, height=360
+                            label="Instance images (click one to edit)",
+                            columns=4,
+                            height=360,
+                            object_fit="contain",
                         )
                         with gr.Row():
                             picked = gr.Textbox(label="Selected image", interactive=False)
@@ -322,11 +330,18 @@ def build(app: App) -> gr.Blocks:
                 status = gr.Markdown(elem_id="train-status")
                 with gr.Row():
                     loss_plot = gr.LinePlot(
-                        loss_frame([]), x="step", y="train/loss", label="Loss", height=260
+                        loss_frame([]), x="step", y="loss", label="Loss", height=260
                     )
                     preview = gr.Image(label="Newest preview", elem_id="newest-preview", height=260)
-                adapter_files = gr.File(label="Adapter files (download)", elem_id="adapter-files")
-                previews = gr.Gallery(label="Earlier previews", columns=6, height=200)
+                adapter_files = gr.File(
+                    label="Adapter files (download)",
+                    elem_id="adapter-files",
+                    height=120,
+                    interactive=False,
+                )
+                previews = gr.Gallery(
+                    label="Earlier previews", columns=8, height=200, object_fit="contain"
+                )
                 log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True)
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
@@ -373,11 +388,14 @@ def build(app: App) -> gr.Blocks:
                     run_resume_btn = gr.Button("Resume")
                 with gr.Row():
                     run_loss = gr.LinePlot(
-                        loss_frame([]), x="step", y="train/loss", label="Loss", height=220
+                        loss_frame([]), x="step", y="loss", label="Loss", height=220
                     )
-                    run_files = gr.File(label="Files (download)")
+                    run_files = gr.File(label="Files (download)", interactive=False)
                 run_plots = gr.Gallery(
-                    label="Evaluation plots and the last preview", columns=4, height=240
+                    label="Evaluation plots and the last preview",
+                    columns=4,
+                    height=240,
+                    object_fit="contain",
                 )
                 with gr.Accordion("Settings (config.yaml)", open=False):
                     run_config = gr.Code(language="yaml")
