@@ -16,6 +16,7 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 
+from sdft.generate import AdapterSpec
 from sdft.models import build_random_pipeline
 from sdft.stop import read_status
 from sdft.ui import base_overrides, warn_if_exposed
@@ -353,3 +354,24 @@ def test_ui_cancel_then_resume_continues_to_the_planned_steps(tmp_path):
     assert status["step"] == 8
     first_logged = runner.progress()["losses"][0][0]
     assert first_logged > step  # the resumed run continued the step counter
+
+
+# -- generate -------------------------------------------------------------------------
+def test_compare_scales_draws_one_seed_at_each_scale_side_by_side(tmp_path):
+    from test_generate import random_adapter
+
+    from sdft.adapters import LoRAMethod
+    from sdft.ui.generation import COMPARE_SCALES, Generator
+
+    lora = random_adapter(LoRAMethod(), tmp_path, 1)["pytorch_lora_weights.safetensors"]
+    generator = Generator(lambda: build_random_pipeline("tiny"))
+    kwargs = dict(prompt="a sks scribble", steps=2, resolution=32)
+    grid, scales = generator.compare_scales(lora, [], seed=3, **kwargs)
+    assert scales == list(COMPARE_SCALES) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert grid.size == (5 * 32, 32)
+    panels = [np.asarray(grid.crop((32 * i, 0, 32 * (i + 1), 32))).astype(int) for i in range(5)]
+    base = Generator(lambda: build_random_pipeline("tiny")).images([], seeds=[3], **kwargs)[0]
+    full = generator.images([AdapterSpec(lora, 1.0)], seeds=[3], **kwargs)[0]
+    assert np.abs(panels[0] - np.asarray(base).astype(int)).max() <= 1  # scale 0 = base model
+    assert np.abs(panels[4] - np.asarray(full).astype(int)).max() <= 1
+    assert np.abs(panels[4] - panels[0]).mean() > 1  # the adapter changes the image

@@ -7,8 +7,16 @@ from pathlib import Path
 
 from PIL import Image
 
+from sdft.adapters.load import is_embedding, read_safetensors
 from sdft.eval.grids import image_grid
-from sdft.generate import AdapterSet, AdapterSpec, generate, parse_adapter, set_sampler
+from sdft.generate import (
+    AdapterSet,
+    AdapterSpec,
+    generate,
+    load_embedding,
+    parse_adapter,
+    set_sampler,
+)
 
 COMPARE_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the paper's view: one seed across scales
 
@@ -20,6 +28,7 @@ class Generator:
         self._load = load
         self.pipe = None
         self.adapters: AdapterSet | None = None
+        self.tokens: dict[Path, str | None] = {}  # file -> its TI token (None: an adapter)
 
     def ready(self):
         if self.pipe is None:
@@ -40,12 +49,21 @@ class Generator:
     ) -> list[Image.Image]:
         pipe = self.ready()
         set_sampler(pipe, sampler)
+        adapters = [s for s in adapters if not self.embedding(s.path)]  # TI: tokens, no weight
         rows, _ = generate(
             pipe, [prompt], adapters, negative_prompt=negative_prompt, steps=steps,
             guidance_scale=guidance_scale, seeds=list(seeds), resolution=resolution,
             adapter_set=self.adapters,
         )  # fmt: skip
         return rows[0]
+
+    def embedding(self, path: Path) -> bool:
+        """Load a textual-inversion file's tokens once; False for an adapter file."""
+        path = Path(path).resolve()
+        if path not in self.tokens:
+            embedding = is_embedding(read_safetensors(path)[0])
+            self.tokens[path] = load_embedding(self.pipe, path) if embedding else None
+        return self.tokens[path] is not None
 
     def compare_scales(
         self, adapter: Path, others: list[AdapterSpec], seed: int, **kwargs
