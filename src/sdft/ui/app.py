@@ -46,7 +46,11 @@ def fmt_eta(seconds: float | None) -> str:
 
 
 def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
-    return pd.DataFrame(losses or [], columns=["step", "loss"])
+    # typed even when empty: the plot takes its axis types from the first value it gets
+    steps, values = zip(*losses, strict=True) if losses else ((), ())
+    return pd.DataFrame(
+        {"step": pd.Series(steps, dtype="int64"), "loss": pd.Series(values, dtype="float64")}
+    )
 
 
 class App:
@@ -340,7 +344,11 @@ def build(app: App) -> gr.Blocks:
                     interactive=False,
                 )
                 previews = gr.Gallery(
-                    label="Earlier previews", columns=8, height=200, object_fit="contain"
+                    label="Earlier previews",
+                    columns=8,
+                    height=200,
+                    object_fit="contain",
+                    allow_preview=False,
                 )
                 log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True)
             with gr.Tab("Generate", id="generate"):
@@ -352,7 +360,9 @@ def build(app: App) -> gr.Blocks:
                             )
                             refresh_gen = gr.Button("Refresh runs", scale=0)
                         gen_upload = gr.File(
-                            label="... or an adapter .safetensors", file_types=[".safetensors"]
+                            label="... or an adapter .safetensors",
+                            file_types=[".safetensors"],
+                            height=110,
                         )
                         gen_prompt = gr.Textbox(f.preview_prompt, label="Prompt")
                         gen_negative = gr.Textbox(f.preview_negative, label="Negative prompt")
@@ -374,7 +384,9 @@ def build(app: App) -> gr.Blocks:
                             gen_btn = gr.Button("Generate", variant="primary")
                             compare_btn = gr.Button("Compare scales 0 / 0.25 / 0.5 / 0.75 / 1")
                     with gr.Column():
-                        gen_image = gr.Image(label="Image", elem_id="gen-image", format="png")
+                        gen_image = gr.Image(
+                            label="Image", elem_id="gen-image", format="png", height=420
+                        )
                         gen_note = gr.Markdown()
             with gr.Tab("Runs", id="runs"):
                 with gr.Row():
@@ -396,6 +408,7 @@ def build(app: App) -> gr.Blocks:
                     columns=4,
                     height=240,
                     object_fit="contain",
+                    preview=False,
                 )
                 with gr.Accordion("Settings (config.yaml)", open=False):
                     run_config = gr.Code(language="yaml")
