@@ -51,7 +51,8 @@ def warn_if_exposed(cfg: DictConfig) -> str | None:
 def run(cfg: DictConfig) -> None:
     """Build the page from `conf/ui.yaml` and serve it until Ctrl+C."""
     from sdft.generate import prepare_pipeline
-    from sdft.ui.app import CSS, App, build
+    from sdft.ui.actions import App
+    from sdft.ui.app import CSS, build
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     hc = HydraConfig.get()
