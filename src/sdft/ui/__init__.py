@@ -5,6 +5,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -70,6 +72,7 @@ def run(cfg: DictConfig) -> None:
         lambda: prepare_pipeline(gen_cfg),
     )
     atexit.register(app.jobs.shutdown)  # a running training is cancelled (and saved) on exit
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM too runs atexit
     warn_if_exposed(cfg)
     page = build(app)
     page.queue(default_concurrency_limit=2).launch(
