@@ -52,6 +52,7 @@ def build(app: App) -> gr.Blocks:
                             columns=4,
                             height=360,
                             object_fit="contain",
+                            fit_columns=False,
                         )
                         with gr.Row():
                             picked = gr.Textbox(label="Selected image", interactive=False)
@@ -129,6 +130,7 @@ def build(app: App) -> gr.Blocks:
                     columns=8,
                     height=200,
                     object_fit="contain",
+                    fit_columns=False,
                     allow_preview=False,
                 )
                 log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True)
@@ -189,6 +191,7 @@ def build(app: App) -> gr.Blocks:
                     columns=4,
                     height=240,
                     object_fit="contain",
+                    fit_columns=False,
                     preview=False,
                 )
                 with gr.Accordion("Settings (config.yaml)", open=False):
