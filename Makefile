@@ -8,7 +8,7 @@ TINY := +experiment=scribble model=tiny eval=tiny trainer=cpu data.resolution=64
 BENCH_OUT ?= outputs/bench
 PEER := .peer/diffusers_train_text_to_image_lora.py
 
-.PHONY: help setup train paper bench test lint
+.PHONY: help setup train paper bench test lint ui
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ bench: setup ## GPU: the diffusers example and sdft side by side; appends a tabl
 	test -f $(PEER) || (mkdir -p .peer && cp ../shared/peers/diffusers_train_text_to_image_lora.py $(PEER))
 	$(PY) bench/throughput.py run --out $(BENCH_OUT) $(ARGS)
 	$(PY) bench/throughput.py report $(BENCH_OUT)/throughput.json --plot $(BENCH_OUT)/loss_curves.png
+
+ui: setup ## the web UI on http://127.0.0.1:7860 (tiny model, CPU, offline; ARGS="model=sd15" on a GPU)
+	GRADIO_ANALYTICS_ENABLED=False $(PY) ui.py $(ARGS)
 
 test: setup ## run the test suite (CPU, offline)
 	$(PY) -m pytest -q $(ARGS)

@@ -104,6 +104,57 @@ def test_kill_resume_kill_resume_under_accumulation_equals_uninterrupted(tmp_pat
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
 
 
+class InterruptMidWindow(L.Callback):
+    """Ctrl+C after the first micro-batch of the window that would make step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step - 1 and batch_idx % 2 == 0:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_inside_an_accumulation_window_saves_a_checkpoint_that_resumes_exactly(
+    tmp_path, monkeypatch
+):
+    common = [
+        "data.per_category=4",
+        "data.batch_size=2",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.max_steps=6",
+        "callbacks.checkpoint.every_n_train_steps=100",
+        "optim.lr=1e-2",
+        "~callbacks.preview",
+    ]
+    full = run(task_cfg(tmp_path, "a_full", *common))
+
+    from sdft.train import build as real
+
+    def instantiate(node, *args, **kwargs):
+        if "callbacks" in kwargs:
+            kwargs["callbacks"] = [*kwargs["callbacks"], InterruptMidWindow(4)]
+        return real(node, *args, **kwargs)
+
+    monkeypatch.setattr("sdft.train.build", instantiate)
+    cancelled = task_cfg(tmp_path, "b_cancelled", *common)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run(cancelled)
+    monkeypatch.undo()
+    last = Path(cancelled.paths.output_dir) / "checkpoints" / "last.ckpt"
+    state = load_checkpoint(last)
+    assert state["global_step"] == 3
+    # 3 steps x 2 micro-batches x 2 drawings: the half window's micro-batch is not recorded
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "done": 12, "world_size": 1}
+    ]
+    resumed = run(task_cfg(tmp_path, "c_resumed", *common, f"ckpt_path={last}"))
+    a = load_file(full["output_dir"] / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed["output_dir"] / "pytorch_lora_weights.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+
+
 # -- the sampler's state -------------------------------------------------------------------
 def test_sampler_state_resumes_the_epoch_where_training_stopped_on_any_number_of_ranks(
     monkeypatch,

@@ -20,6 +20,7 @@ from sdft.module import AdapterFineTuner, check_checkpoint
 from sdft.perf import FastPath
 from sdft.progress import StepBoundProgressBar
 from sdft.runs import check_fresh_output_dir, find_resume_checkpoint
+from sdft.stop import GracefulStop, write_status
 from sdft.sweep import check_trainer_fits_sweep
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ def run(cfg: DictConfig) -> dict:
     callbacks.append(fast_path)
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepBoundProgressBar())
+    # Ctrl+C / SIGTERM / the UI's Cancel: adapter + checkpoint saved, status.json "cancelled"
+    callbacks.append(GracefulStop(out, metadata=lambda: run_metadata(cfg, out)))
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg]
     profiler = build(cfg.profiler) if cfg.get("profiler") else None
     trainer: L.Trainer = build(
@@ -138,6 +141,8 @@ def run(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         record = run_metadata(cfg, out, trainer, datamodule, started)
         files = module.save_adapter(out, record) if trainer.is_global_zero else []
+        if trainer.is_global_zero:
+            write_status(out, "finished", step=trainer.global_step, files=[str(f) for f in files])
     finally:
         finish_wandb(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

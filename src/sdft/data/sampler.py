@@ -50,6 +50,12 @@ class ResumableSampler:
     def count_trained(self, units: int) -> None:
         self._done = (self.epoch, self.units_trained() + units)
 
+    def rewind(self, state: dict) -> None:
+        """Count as trained only what `state` (this run's own `state_dict`) had: a save in
+        the middle of an accumulation window must not record the window's micro-batches,
+        whose gradients were never applied."""
+        self._done = (state["epoch"], state["done"])
+
     def take_skip(self) -> int:
         """Units to skip at the start of this iteration (once)."""
         (epoch, skip), self._skip = self._skip, (0, 0)
