@@ -1,5 +1,8 @@
 """sdft.files: a write either replaces the file whole or leaves it as it was, with no litter."""
 
+import os
+import stat
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -27,3 +30,24 @@ def test_a_kohya_file_is_written_in_place_of_the_old_one_with_its_metadata(tmp_p
     with safe_open(path, "pt") as f:
         assert f.metadata()["ss_network_dim"] == "4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scribble.safetensors"]
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o027])
+def test_adapters_are_written_with_the_umask_mode_not_private(tmp_path, umask):
+    """A shared run folder stays readable by its group: 0666 less the umask, as open() gives."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdft.files import atomic_output
+
+    old = os.umask(umask)
+    try:
+        kohya = save_kohya({"w": torch.ones(2)}, tmp_path / "kohya.safetensors", {})
+        with atomic_output(tmp_path / "pytorch_lora_weights.safetensors") as tmp_dir:
+            lora = {"unet.a.lora_A.weight": torch.ones(1, 2)}
+            StableDiffusionPipeline.save_lora_weights(tmp_dir, unet_lora_layers=lora)
+        write_atomic(tmp_path / "summary.md", "x")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert kohya.name in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and len(modes) == 3

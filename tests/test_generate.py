@@ -162,3 +162,11 @@ def test_textual_inversion_tokens_work_in_prompts(tmp_path):
         used = 0 if f.name == "learned_embeds.safetensors" else 1  # the prompt with the token
         assert np.abs(result[used] - base[used]).mean() > 1.0
         assert np.array_equal(result[2], base[2])  # other words: untouched
+
+
+def test_adapter_file_named_like_a_module_method_gets_a_name_peft_can_set():
+    from sdft.adapters.load import adapter_name_for
+
+    assert adapter_name_for("runs/train.safetensors") == "train_adapter"  # task_name=train
+    assert adapter_name_for("eval.safetensors") == "eval_adapter"
+    assert adapter_name_for("my.scribble.safetensors") == "my_scribble"

@@ -12,6 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def publish(tmp: Path, target: Path) -> None:
+    """Move a finished temporary file onto `target` in one rename, with the mode a plain
+    `open(target, "w")` would give it (0666 less the umask): writers such as safetensors make
+    private 0600 files, which would hide a shared run folder's adapters from its group."""
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, target)
+
+
 @contextmanager
 def atomic_output(target: Path) -> Iterator[str]:
     """Yield a temporary folder beside `target`; the file named `target.name` written
@@ -21,7 +31,7 @@ def atomic_output(target: Path) -> Iterator[str]:
     tmp_dir = tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         yield tmp_dir
-        os.replace(Path(tmp_dir) / target.name, target)
+        publish(Path(tmp_dir) / target.name, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -35,7 +45,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     try:
         yield tmp
-        tmp.replace(path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

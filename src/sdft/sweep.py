@@ -31,6 +31,7 @@ from hydra.types import RunMode
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 
 from sdft.files import atomic_path, write_atomic
 
@@ -56,6 +57,21 @@ def objective(metrics: dict[str, float], cfg: DictConfig) -> float:
     return value
 
 
+def check_trial_finite(result: dict) -> None:
+    """A run that ends on NaN/inf failed, whatever its last logged loss says: the loss of
+    the last step is computed before its update, which can leave a blown-up adapter."""
+    for path in result.get("adapter_files", []):
+        for key, t in load_file(path).items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise FloatingPointError(
+                    f"the trained adapter {path} holds NaN/inf values (tensor {key!r}): "
+                    "training diverged (lower optim.lr)"
+                )
+    for name, value in result["metrics"].items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{name} is {value} at the end of training")
+
+
 def run_trial(train: Callable[[DictConfig], dict], cfg: DictConfig) -> float | None:
     """`train(cfg)`, returning `cfg.optimized_metric` (None when there is none to return).
 
@@ -65,7 +81,9 @@ def run_trial(train: Callable[[DictConfig], dict], cfg: DictConfig) -> float | N
     if cfg.optimized_direction not in DIRECTIONS:
         raise ValueError(f"optimized_direction={cfg.optimized_direction!r}: one of {DIRECTIONS}")
     if not in_sweep():
-        metrics = train(cfg)["metrics"]
+        result = train(cfg)
+        check_trial_finite(result)
+        metrics = result["metrics"]
         if cfg.optimized_metric is None or cfg.optimized_metric not in metrics:
             return None
         return objective(metrics, cfg)
@@ -83,6 +101,7 @@ def run_trial(train: Callable[[DictConfig], dict], cfg: DictConfig) -> float | N
     try:
         result = train(cfg)
         record["metrics"] = result["metrics"]
+        check_trial_finite(result)
         score = objective(result["metrics"], cfg)
         record.update(status="completed", score=score)
     except Exception as e:  # any error of one trial must not end the sweep

@@ -73,12 +73,21 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise FileNotFoundError(f"{path}: no such file")
     try:
         with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except SafetensorError as e:
         raise ValueError(
             f"{path}: not a safetensors file ({e}). sdft reads .safetensors only "
             "(pickled .pt/.ckpt/.bin files can run code when loaded)"
         ) from None
+    check_finite(tensors, str(path))
+    return tensors, metadata
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN/inf weights: they give black images, and metrics that look like results."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{source}: tensor {key!r} holds NaN or infinite values; refused")
 
 
 def module_paths(model: nn.Module) -> set[str]:
@@ -258,8 +267,11 @@ def holds(layer: BaseTunerLayer, name: str) -> bool:
 
 
 def adapter_name_for(path: str | Path) -> str:
-    """A peft adapter name from a file name (peft names may not hold dots)."""
-    return re.sub(r"[^0-9A-Za-z_-]", "_", Path(path).stem)
+    """A peft adapter name from a file name (peft names may not hold dots, and peft sets the
+    name as a module attribute: `train.safetensors`, the default task's kohya file, would
+    collide with `nn.Module.train`)."""
+    name = re.sub(r"[^0-9A-Za-z_-]", "_", Path(path).stem)
+    return f"{name}_adapter" if hasattr(torch.nn.Module, name) else name
 
 
 def lokr_factor(layers: dict[str, LayerWeights], shapes: dict[str, torch.Size]) -> int:

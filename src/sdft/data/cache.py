@@ -11,6 +11,11 @@ latents with its own generator exactly as when encoding on the fly.
 Under DDP each rank encodes its share (samples i = rank, rank + world, ...) into its own
 shard files; rank 0 then writes the index and the manifest and renames the folder into place.
 Nothing is encoded twice. `cache_dir` must be a folder every rank sees.
+
+The manifest records each file's size and sha256. Before a cache is used, rank 0 checks them:
+a cache that was truncated, emptied or lost its manifest or index is rebuilt, with a warning
+that says what was wrong. Build folders (`<key>.partial-*`) left by a killed run are removed
+once nothing has written to them for `STALE_PARTIAL_S`.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 from sdft.data.sampler import world
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1  # bump when the layout below changes
+FORMAT_VERSION = 2  # bump when the layout below changes (2: the manifest holds checksums)
+STALE_PARTIAL_S = 3600  # a build folder untouched this long belongs to a run that died
 
 
 class CacheableDataset(Protocol):
@@ -231,9 +237,15 @@ def build_or_load(
     rank, size = world()
     # rank 0 decides for all: another run may finish the same cache while we look
     todo = None
-    if rank == 0 and not (final / "manifest.json").is_file():
-        todo = f"{key}.partial-{uuid.uuid4().hex[:8]}"
-        (final.parent / todo).mkdir(parents=True)
+    if rank == 0:
+        remove_stale_partials(final.parent)
+        damage = cache_damage(final) if final.exists() else "not built yet"
+        if damage is not None:
+            if final.exists():
+                log.warning("latent cache %s is damaged (%s): rebuilding it", final, damage)
+                shutil.rmtree(final)
+            todo = f"{key}.partial-{uuid.uuid4().hex[:8]}"
+            (final.parent / todo).mkdir(parents=True)
     todo = _broadcast(todo)
     if todo is None:
         log.info("latent cache: reusing %s", final)
@@ -269,6 +281,7 @@ def _finish(tmp: Path, final: Path, size: int, signature: dict, seconds: float, 
     np.save(tmp / "latent_index.npy", index.reshape(-1, 2).astype(np.int64))
     manifest = {
         "format": FORMAT_VERSION,
+        "checksums": {f: file_checksum(tmp / f) for f in [*files, "latent_index.npy"]},
         "files": files,
         "captions": {c: [fid[f], r] for c, (f, r) in sorted(text.items())},
         "num_samples": len(latents),
@@ -283,6 +296,48 @@ def _finish(tmp: Path, final: Path, size: int, signature: dict, seconds: float, 
     except OSError:  # another run built the same cache meanwhile: theirs is as good
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("latent cache: built %s in %.1f s", final, seconds)
+
+
+# -- checking ----------------------------------------------------------------------------
+def file_checksum(path: Path) -> list:
+    """[size in bytes, sha256]: the size catches a truncated file at once, the hash the rest."""
+    with open(path, "rb") as f:
+        return [path.stat().st_size, hashlib.file_digest(f, "sha256").hexdigest()]
+
+
+def cache_damage(root: Path) -> str | None:
+    """Why the cache at `root` cannot be used as it is (None: it matches its manifest)."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+        checksums = manifest["checksums"] if manifest["format"] == FORMAT_VERSION else None
+    except FileNotFoundError:
+        return "no manifest.json"
+    except (ValueError, KeyError, TypeError) as e:  # JSON, UTF-8, missing or odd fields
+        return f"unreadable manifest.json ({type(e).__name__}: {e})"
+    if checksums is None:
+        return f"format {manifest['format']}, not {FORMAT_VERSION}"
+    for name, (size, digest) in checksums.items():
+        path = root / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+        if file_checksum(path)[1] != digest:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def remove_stale_partials(cache_dir: Path) -> None:
+    """Remove build folders of runs that died (killed mid-encoding): nothing in them has
+    changed for STALE_PARTIAL_S. A build in progress keeps writing its files."""
+    for folder in cache_dir.glob("*.partial-*"):
+        try:
+            times = [p.stat().st_mtime for p in [folder, *folder.iterdir()]]
+        except OSError:  # renamed into place or removed meanwhile
+            continue
+        if time.time() - max(times) > STALE_PARTIAL_S:
+            log.info("latent cache: removing %s, left by a run that stopped", folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- reading -----------------------------------------------------------------------------

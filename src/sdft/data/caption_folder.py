@@ -32,7 +32,15 @@ from torch.utils.data import Dataset
 
 from sdft.data.base import CachingDataModule, write_split
 from sdft.data.buckets import make_buckets, nearest_bucket, resize_and_crop
-from sdft.data.checks import BadSamples, check_on_bad_sample
+from sdft.data.checks import (
+    MAX_PIXELS,
+    BadSamples,
+    check_on_bad_sample,
+    header_size,
+    outside_link,
+    utf8_lines,
+    warn_duplicates,
+)
 from sdft.data.sampler import BucketBatchSampler, SeededEpochSampler
 
 TRANSFORM_VERSION = 1  # part of the cache key: bump when the pixels of an image change
@@ -126,6 +134,7 @@ class CaptionFolderDataModule(CachingDataModule):
         batch_size: int = 4,
         num_workers: int = 0,
         on_bad_sample: str = "error",
+        max_pixels: int = MAX_PIXELS,
         cache: bool = False,
         cache_dir: str = "~/.cache/sdft",
     ):
@@ -141,6 +150,8 @@ class CaptionFolderDataModule(CachingDataModule):
         if caption is not None and not caption.strip():
             raise ValueError("data.caption is empty: give a caption, or null to read them")
         check_on_bad_sample(on_bad_sample)
+        if not isinstance(max_pixels, int) or max_pixels <= 0:
+            raise ValueError(f"data.max_pixels={max_pixels!r} must be a positive integer")
         self.save_hyperparameters(logger=False)
         self.path = Path(path).expanduser()
         self.dataset: CaptionFolderDataset | None = None
@@ -177,7 +188,7 @@ class CaptionFolderDataModule(CachingDataModule):
         if not self.sources:
             raise FileNotFoundError(f"data.path={str(self.path)!r}: no metadata.jsonl")
         for meta in self.sources:
-            for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in utf8_lines(meta, bad):
                 if not line.strip():
                     continue
                 where = f"{meta}:{n}"
@@ -217,8 +228,12 @@ class CaptionFolderDataModule(CachingDataModule):
             if not txt.is_file():
                 bad.add(f"{image}: no caption file {txt.name}")
                 continue
+            try:
+                lines = [s.strip() for s in txt.read_text(encoding="utf-8").splitlines()]
+            except UnicodeDecodeError as e:
+                bad.add(f"{txt}: not UTF-8 text (byte {e.object[e.start]:#04x} at {e.start})")
+                continue
             self.sources.append(txt)
-            lines = [s.strip() for s in txt.read_text(encoding="utf-8").splitlines()]
             rows.append((str(txt), image, [s for s in lines if s] or ""))
         return rows
 
@@ -255,15 +270,18 @@ class CaptionFolderDataModule(CachingDataModule):
                 bad.add(f"{where}: {captions}")
             elif not image.is_file():
                 bad.add(f"{where}: missing image {image}")
+            elif escape := outside_link(image, self.path):
+                bad.add(f"{where}: {escape}")
             else:
                 checked.append((where, image, captions))
+        warn_duplicates([(where, image) for where, image, _ in checked])
         # decode every image once (threads: PIL releases the GIL); the folder is only read
         with ThreadPoolExecutor(8) as pool:
-            sizes = list(pool.map(lambda r: _size_or_error(r[1]), checked))
+            sizes = list(pool.map(lambda r: _size_or_error(r[1], hp.max_pixels), checked))
         good = []
         for (where, image, captions), size in zip(checked, sizes, strict=True):
             if isinstance(size, str):
-                bad.add(f"{where}: unreadable image {image} ({size})")
+                bad.add(f"{where}: {size}")
             else:
                 good.append((image, captions, size))
         self.skipped = bad.finish(len(good) + len(bad))
@@ -317,10 +335,14 @@ class CaptionFolderDataModule(CachingDataModule):
         }
 
 
-def _size_or_error(path: Path) -> tuple[int, int] | str:
-    """(height, width) after EXIF rotation, or why the image cannot be read."""
+def _size_or_error(path: Path, max_pixels: int) -> tuple[int, int] | str:
+    """(height, width) after EXIF rotation, or why the image is refused. The size comes
+    from the header, so an image over `max_pixels` is never decoded."""
+    size = header_size(path, max_pixels)
+    if isinstance(size, str):
+        return size
     try:
-        image = decode(str(path))
+        decode(str(path))  # a sound header can front broken pixels (a truncated file)
     except Exception as e:  # PIL raises many types for broken files
-        return f"{type(e).__name__}: {e}"
-    return image.height, image.width
+        return f"unreadable image {path} ({type(e).__name__}: {e})"
+    return size

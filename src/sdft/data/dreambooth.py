@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sdft.data.base import write_split
 from sdft.data.caption_folder import decode, load_pixels
-from sdft.data.checks import BadSamples
+from sdft.data.checks import MAX_PIXELS, BadSamples, header_size, outside_link
 from sdft.data.sampler import ResumableLoader, SeededEpochSampler
 from sdft.files import atomic_path
 
@@ -120,6 +120,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         seed: int = 42,
         batch_size: int = 1,
         num_workers: int = 2,
+        max_pixels: int = MAX_PIXELS,
     ):
         super().__init__()
         if not instance_prompt.strip():
@@ -149,6 +150,11 @@ class DreamBoothDataModule(L.LightningDataModule):
             )
         bad = BadSamples("error", str(self.instance_dir))
         for path in images:
+            refused = outside_link(path, self.instance_dir)
+            refused = refused or header_size(path, self.hparams.max_pixels)  # before decoding
+            if isinstance(refused, str):
+                bad.add(refused)
+                continue
             try:
                 decode(str(path))
             except Exception as e:  # PIL raises many kinds; name the file either way

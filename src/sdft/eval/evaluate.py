@@ -9,14 +9,23 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
+from safetensors import SafetensorError, safe_open
 
+from sdft.adapters.load import (
+    check_finite,
+    is_embedding,
+    load_adapter,
+    read_safetensors,
+)
+from sdft.checkpoints import load_checkpoint
 from sdft.eval.results import log_results, write_results
+from sdft.generate import load_embedding, resolve_file
 from sdft.module import AdapterFineTuner, check_checkpoint
+from sdft.run_folder import read_run_config
 from sdft.train import build
 
 log = logging.getLogger(__name__)
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def run_dir_of(adapter: Path) -> Path:
@@ -28,47 +37,63 @@ def run_dir_of(adapter: Path) -> Path:
 
 def take_run_config(cfg: DictConfig, run_dir: Path) -> None:
     """Use the run's own model, method and data settings (its resolved config.yaml), so that
-    the base model, the resolution and the category split are the ones it was trained with."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
+    the base model, the resolution and the category split are the ones it was trained with.
+    Values only: each part's class must be one of sdft's own options (`read_run_config`)."""
+    run_cfg = read_run_config(run_dir)
+    if run_cfg is None:
         return
-    run_cfg = OmegaConf.load(saved)
     with open_dict(cfg):
-        for group in ("model", "method", "data"):
-            if group in run_cfg:
-                cfg[group] = run_cfg[group]
-    log.info("model, method and data settings from %s", saved)
+        for group, node in run_cfg.items():
+            cfg[group] = node
+    log.info("model, method and data settings from %s", run_dir / "config.yaml")
+
+
+def adapter_step(path: Path) -> int:
+    """The training step an adapter was saved at: its `ss_steps` metadata or, for diffusers'
+    file (which has none), that of the kohya file saved beside it. Never a checkpoint's
+    `global_step`: reading that means unpickling a file that was not asked for."""
+    for f in [path, *sorted(path.parent.glob("*.safetensors"))]:
+        try:
+            with safe_open(str(f), "pt") as st:
+                steps = (st.metadata() or {}).get("ss_steps")
+        except (SafetensorError, OSError):
+            continue
+        if steps is not None and steps.isdigit():
+            return int(steps)
+    log.warning("%s records no training step (ss_steps): logging at step 0", path)
+    return 0
 
 
 def load_adapter_pipeline(cfg: DictConfig) -> tuple[StableDiffusionPipeline, int]:
     """The base pipeline with the adapter loaded (DPM++ 2M), and the adapter's training step.
 
     A .ckpt goes through the training module (any method; checked against the base model);
-    a folder or .safetensors file is diffusers' LoRA format, read by `load_lora_weights`."""
+    a run folder or .safetensors file of any method goes through generate.py's loader, with
+    its checks (format, architecture, shapes, finite values)."""
     path = Path(cfg.adapter).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"adapter={str(path)!r}: no such file or folder")
-    pipe = build(cfg.model)
     if path.suffix == ".ckpt":
+        ckpt = load_checkpoint(path)  # weights_only: a file that would run code is refused
+        pipe = build(cfg.model)
         module = AdapterFineTuner(pipe, build(cfg.method), optimizer=None, lr_scheduler=None)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         check_checkpoint(ckpt.get("sdft"), module.identity, str(path))
+        check_finite(ckpt["state_dict"], str(path))
         unexpected = module.load_state_dict(ckpt["state_dict"], strict=False).unexpected_keys
         if unexpected:
             raise ValueError(
                 f"adapter={str(path)!r} holds weights this method lacks: {unexpected[:3]}"
             )
         return module.inference_pipeline(), int(ckpt.get("global_step", 0))
-    folder, name = (path, LORA_FILE) if path.is_dir() else (path.parent, path.name)
-    pipe.load_lora_weights(str(folder), weight_name=name)
+    file = resolve_file(path)
+    tensors, _ = read_safetensors(file)  # checked before the base model is built
+    pipe = build(cfg.model)
+    if is_embedding(tensors):
+        log.info("embedding %s -> token %s", file, load_embedding(pipe, file))
+    else:
+        load_adapter(pipe, file, "evaluated")  # not the file's name: `train` is a Module method
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    last = run_dir_of(path) / "checkpoints" / "last.ckpt"  # the step the adapter was saved at
-    step = (
-        torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-        if last.is_file()
-        else 0
-    )
-    return pipe, int(step)
+    return pipe, adapter_step(file)
 
 
 def check_split(split: dict, saved: Path) -> None:
