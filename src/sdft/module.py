@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from sdft.optim import eval_mode, is_schedule_free, make_optimizer
 from sdft.perf import FastPath
 
 
@@ -51,6 +52,7 @@ class AdapterFineTuner(L.LightningModule):
         seed: int = 0,
         noise_offset: float = 0.0,
         fast_path: FastPath | None = None,
+        loraplus_ratio: float | None = None,
     ):
         super().__init__()
         self.pipeline = pipeline
@@ -59,6 +61,7 @@ class AdapterFineTuner(L.LightningModule):
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         self.method = method
         self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
+        self.loraplus_ratio = loraplus_ratio  # LoRA+: B matrices at ratio x lr
         self.seed, self.noise_offset = seed, noise_offset
         self.fast_path = fast_path
         for m in (self.unet, self.vae, self.text_encoder):
@@ -89,8 +92,7 @@ class AdapterFineTuner(L.LightningModule):
                     p.data = p.data.to(dtype)
 
     def configure_optimizers(self) -> dict:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.make_optimizer(params)
+        optimizer = make_optimizer(self, self.make_optimizer, self.loraplus_ratio)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = self.make_lr_scheduler(optimizer=optimizer, num_training_steps=total)
         return {
@@ -194,6 +196,13 @@ class AdapterFineTuner(L.LightningModule):
         else:
             super().configure_gradient_clipping(optimizer, val, algo)
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # schedule-free optimizers step only in train mode (they start, and are left by
+        # sampling or a resumed checkpoint, in either); a no-op for any other optimizer
+        for opt in self.trainer.optimizers:
+            if is_schedule_free(opt):
+                opt.train()
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         with self.compile_stance(len(batch["caption"])):
             loss = self.diffusion_loss(batch, self.step_generator(batch_idx))
@@ -266,9 +275,11 @@ class AdapterFineTuner(L.LightningModule):
 
     @contextlib.contextmanager
     def inference_context(self) -> Iterator[None]:
-        """For sampling during fit: the trainer's autocast, and an eager UNet (see FastPath)."""
+        """For sampling during fit: the trainer's autocast, an eager UNet (see FastPath), and
+        a schedule-free optimizer's averaged weights."""
         with self.trainer.precision_plugin.forward_context(), self.compile_stance():
-            yield
+            with eval_mode(self.trainer.optimizers):
+                yield
 
     def inference_pipeline(self) -> StableDiffusionPipeline:
         """The trained pipeline with DPM++ 2M, sharing this module's weights."""
@@ -286,4 +297,6 @@ class AdapterFineTuner(L.LightningModule):
     def save_adapter(self, out_dir: str | Path, metadata: dict | None = None) -> list[Path]:
         """Write the adapter files; `metadata` (resolution, data hash, ...) goes into them."""
         meta = {"base_model": self.pipeline.name_or_path, "steps": self.global_step}
-        return self.method.save(self.pipeline, out_dir, {**meta, **(metadata or {})})
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        with eval_mode(optimizers):  # schedule-free: save the averaged weights
+            return self.method.save(self.pipeline, out_dir, {**meta, **(metadata or {})})

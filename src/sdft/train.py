@@ -14,7 +14,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdft.adapters.export import run_metadata
+from sdft.ema import find_ema
 from sdft.module import AdapterFineTuner, check_checkpoint
+from sdft.optim import check_loraplus, check_optimizer_installed, split_optim_config
 from sdft.perf import FastPath
 from sdft.sweep import check_trainer_fits_sweep
 
@@ -92,6 +94,10 @@ def run(cfg: DictConfig) -> dict:
     datamodule: L.LightningDataModule = build(cfg.data)
     datamodule.setup("fit")
     method = build(cfg.method)
+    optim_cfg, optim_extra = split_optim_config(cfg.optim)
+    check_optimizer_installed(optim_cfg)
+    check_loraplus(method, optim_extra["loraplus_ratio"])
+    optimizer = build(optim_cfg)
 
     log.info("loading base model %s", cfg.model.get("pretrained", cfg.model.get("arch")))
     pipeline = build(cfg.model)
@@ -100,10 +106,11 @@ def run(cfg: DictConfig) -> dict:
     module = AdapterFineTuner(
         pipeline=pipeline,
         method=method,
-        optimizer=build(cfg.optim),
+        optimizer=optimizer,
         lr_scheduler=build(cfg.lr_scheduler),
         seed=cfg.seed,
         fast_path=fast_path,
+        loraplus_ratio=optim_extra["loraplus_ratio"],
     )
     if ckpt_path:
         meta = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("sdft")
@@ -124,6 +131,8 @@ def run(cfg: DictConfig) -> dict:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         files = module.save_adapter(out, run_metadata(cfg, out)) if trainer.is_global_zero else []
+        if files and (ema := find_ema(trainer)):  # <file>_ema.safetensors beside each file
+            files += ema.save_adapter(module, out, run_metadata(cfg, out))
     finally:
         finish_wandb(trainer)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
