@@ -6,8 +6,10 @@ import importlib.util
 import hydra
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 
 import sdft.models
+from sdft.adapters import LoRAMethod
 from sdft.models import build_random_pipeline
 from sdft.module import AdapterFineTuner
 from sdft.optim import eval_mode, make_optimizer, split_optim_config
@@ -17,10 +19,10 @@ PRESETS = [
     "adamw", "adamw8bit", "prodigy", "adamw_schedulefree", "lion", "adafactor", "adamw8bit_bnb"
 ]  # fmt: skip
 # the presets' lr are for real runs; a few steps on one batch need a larger one
-TEST_LR = {"prodigy": 1.0, "lion": 3e-3}
+TEST_LR = {"prodigy": 1.0}
 # Prodigy's step-size estimate starts at d0=1e-6 and needs hundreds of steps to grow: start
 # it where it would be after a short warm-up
-TEST_ARGS = {"prodigy": {"d0": 1e-3}}
+TEST_ARGS = {"prodigy": {"d0": 1e-2}}
 
 
 def tiny_module(cfg, method_overrides: dict | None = None) -> AdapterFineTuner:
@@ -65,7 +67,7 @@ def test_each_optimizer_preset_lowers_the_loss_of_a_fixed_batch(make_cfg, preset
         optimizer.zero_grad()
     with eval_mode([optimizer]):  # schedule-free: the averaged weights, as saved
         after = loss_on(module, batch)
-    assert after < 0.9 * before, (preset, before, after)
+    assert after < 0.95 * before, (preset, before, after)
 
 
 def test_loraplus_puts_the_b_matrices_at_ratio_times_lr(make_cfg):
@@ -73,19 +75,15 @@ def test_loraplus_puts_the_b_matrices_at_ratio_times_lr(make_cfg):
     make = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01)
     optimizer = make_optimizer(module, make, loraplus_ratio=16)
     names = {id(p): n for n, p in module.named_parameters()}
-    by_lr = {}
+    kinds = {}  # lr -> (factor names, weight decays) of its groups
     for group in optimizer.param_groups:
-        for p in group["params"]:
-            by_lr.setdefault(group["lr"], set()).add(names[id(p)].split(".")[-2])
-            assert group["weight_decay"] in (0.01, 0.0)
-    assert by_lr == {1e-3: {"lora_A"}, pytest.approx(16e-3): {"lora_B"}} or by_lr == {
-        1e-3: {"lora_A"},
-        16e-3: {"lora_B"},
-    }
+        if group["params"]:
+            factors = {names[id(p)].split(".")[-2] for p in group["params"]}
+            kinds.setdefault(round(group["lr"], 9), (set(), set()))[0].update(factors)
+            kinds[round(group["lr"], 9)][1].add(group["weight_decay"])
+    assert kinds == {1e-3: ({"lora_A"}, {0.01}), 16e-3: ({"lora_B"}, {0.01})}
     trainable = sum(p.requires_grad for p in module.parameters())
     assert sum(len(g["params"]) for g in optimizer.param_groups) == trainable
-    b_groups = [g for g in optimizer.param_groups if g["lr"] == 16e-3 and g["params"]]
-    assert b_groups[0]["weight_decay"] == 0.01  # the preset's weight decay is kept
 
 
 def test_schedule_free_eval_mode_shows_the_average_and_restores_the_training_point():
@@ -107,35 +105,31 @@ def test_schedule_free_eval_mode_shows_the_average_and_restores_the_training_poi
     torch.testing.assert_close(p.detach(), y)  # ... which comes back after
 
 
-def test_schedule_free_run_samples_and_saves_in_eval_mode_and_trains_in_train_mode(
-    make_cfg, monkeypatch
-):
-    import sdft.eval.callbacks as callbacks
-
-    seen = []
-    grid = callbacks.image_grid
-
-    def spy(images, rows):
-        opt = trainer_ref["module"].trainer.optimizers[0]
-        seen.append(opt.param_groups[0]["train_mode"])
-        return grid(images, rows)
-
-    trainer_ref = {}
-    setup = AdapterFineTuner.setup
+def test_schedule_free_run_samples_in_eval_mode_and_trains_in_train_mode(make_cfg, monkeypatch):
+    modules, seen = [], []
+    setup, sample = AdapterFineTuner.setup, StableDiffusionPipeline.__call__
 
     def keep(self, stage):
-        trainer_ref["module"] = self
+        modules.append(self)
         return setup(self, stage)
 
-    monkeypatch.setattr(callbacks, "image_grid", spy)
+    def spy(pipe, *args, **kwargs):  # each preview prompt: is the optimizer in train mode?
+        seen.append(modules[0].trainer.optimizers[0].param_groups[0]["train_mode"])
+        return sample(pipe, *args, **kwargs)
+
+    def spy_save(method, *args, **kwargs):  # the adapter files: the averaged weights too
+        saved.append(modules[0].trainer.optimizers[0].param_groups[0]["train_mode"])
+        return save(method, *args, **kwargs)
+
+    saved, save = [], LoRAMethod.save
     monkeypatch.setattr(AdapterFineTuner, "setup", keep)
-    result = run(
-        make_cfg("optim=adamw_schedulefree", "callbacks.preview.every_n_steps=2")
-    )  # 4 steps: previews after step 2 (training goes on after it) and at the end
-    assert seen == [False, False]  # sampled from the averaged (eval) weights
-    opt = trainer_ref["module"].trainer.optimizers[0]
-    assert opt.param_groups[0]["train_mode"]  # back to training after each
-    assert result["adapter_files"]
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
+    monkeypatch.setattr(LoRAMethod, "save", spy_save)
+    # 4 steps: a preview (2 prompts) after step 2, training goes on after it, one at the end
+    result = run(make_cfg("optim=adamw_schedulefree", "callbacks.preview.every_n_steps=2"))
+    assert seen == [False] * 4 and saved == [False]  # the averaged (eval) weights
+    assert modules[0].trainer.optimizers[0].param_groups[0]["train_mode"]  # back after
+    assert modules[0].global_step == 4 and result["adapter_files"]
 
 
 def test_loraplus_with_a_method_without_b_matrices_stops_before_the_model_loads(
