@@ -78,7 +78,8 @@ def test_loraplus_puts_the_b_matrices_at_ratio_times_lr(make_cfg):
     kinds = {}  # lr -> (factor names, weight decays) of its groups
     for group in optimizer.param_groups:
         if group["params"]:
-            factors = {names[id(p)].split(".")[-2] for p in group["params"]}
+            # "...to_q.lora_B.default.weight" -> lora_B
+            factors = {names[id(p)].split(".")[-3] for p in group["params"]}
             kinds.setdefault(round(group["lr"], 9), (set(), set()))[0].update(factors)
             kinds[round(group["lr"], 9)][1].add(group["weight_decay"])
     assert kinds == {1e-3: ({"lora_A"}, {0.01}), 16e-3: ({"lora_B"}, {0.01})}
