@@ -14,6 +14,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusio
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from sdft.data.sampler import ResumableLoader, ResumableSampler
+from sdft.optim import eval_mode, is_schedule_free, make_optimizer
 from sdft.perf import FastPath
 
 
@@ -65,6 +66,7 @@ class AdapterFineTuner(L.LightningModule):
         seed: int = 0,
         noise_offset: float = 0.0,
         fast_path: FastPath | None = None,  # a trainer callback too: it applies the switches
+        loraplus_ratio: float | None = None,
     ):
         super().__init__()
         self.pipeline = pipeline
@@ -73,6 +75,7 @@ class AdapterFineTuner(L.LightningModule):
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         self.method = method
         self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
+        self.loraplus_ratio = loraplus_ratio  # LoRA+: B matrices at ratio x lr
         self.seed, self.noise_offset = seed, noise_offset
         self.fast_path = fast_path
         for m in (self.unet, self.vae, self.text_encoder):
@@ -100,8 +103,7 @@ class AdapterFineTuner(L.LightningModule):
                     p.data = p.data.to(dtype)
 
     def configure_optimizers(self) -> dict:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.make_optimizer(params)
+        optimizer = make_optimizer(self, self.make_optimizer, self.loraplus_ratio)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = self.make_lr_scheduler(optimizer=optimizer, num_training_steps=total)
         return {
@@ -237,6 +239,11 @@ class AdapterFineTuner(L.LightningModule):
         # which Lightning calls before the module's; none is written while a batch is trained.
         if (sampler := self.train_sampler()) is not None:
             sampler.batch_trained(len(batch["caption"]))
+        # schedule-free optimizers step only in train mode (they start, and are left by
+        # sampling or a resumed checkpoint, in either); a no-op for any other optimizer
+        for opt in self.trainer.optimizers:
+            if is_schedule_free(opt):
+                opt.train()
 
     def on_train_start(self) -> None:
         if (sampler := self.train_sampler()) is not None and sampler.resumed_from:
@@ -262,9 +269,11 @@ class AdapterFineTuner(L.LightningModule):
 
     @contextlib.contextmanager
     def inference_context(self) -> Iterator[None]:
-        """For sampling during fit: the trainer's autocast, and an eager UNet (see FastPath)."""
+        """For sampling during fit: the trainer's autocast, an eager UNet (see FastPath), and
+        a schedule-free optimizer's averaged weights."""
         with self.trainer.precision_plugin.forward_context(), self.compile_stance():
-            yield
+            with eval_mode(self.trainer.optimizers):
+                yield
 
     def inference_pipeline(self) -> StableDiffusionPipeline:
         """The trained pipeline with DPM++ 2M, sharing this module's weights."""
@@ -282,4 +291,6 @@ class AdapterFineTuner(L.LightningModule):
     def save_adapter(self, out_dir: str | Path, metadata: dict | None = None) -> list[Path]:
         """Write the adapter files; `metadata` (resolution, data hash, ...) goes into them."""
         meta = {"base_model": self.pipeline.name_or_path, "steps": self.global_step}
-        return self.method.save(self.pipeline, out_dir, {**meta, **(metadata or {})})
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        with eval_mode(optimizers):  # schedule-free: save the averaged weights
+            return self.method.save(self.pipeline, out_dir, {**meta, **(metadata or {})})

@@ -16,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdft.adapters.metadata import run_metadata
 from sdft.checkpoints import AtomicCheckpointIO, load_checkpoint
+from sdft.ema import find_ema
 from sdft.module import AdapterFineTuner, check_checkpoint
+from sdft.optim import check_loraplus, check_optimizer_installed, split_optim_config
 from sdft.perf import FastPath
 from sdft.progress import StepBoundProgressBar
 from sdft.runs import check_fresh_output_dir, find_resume_checkpoint
@@ -93,6 +95,10 @@ def run(cfg: DictConfig) -> dict:
     datamodule: L.LightningDataModule = build(cfg.data)
     datamodule.setup("fit")
     method = build(cfg.method)
+    optim_cfg, optim_extra = split_optim_config(cfg.optim)
+    check_optimizer_installed(optim_cfg)
+    check_loraplus(method, optim_extra["loraplus_ratio"])
+    optimizer = build(optim_cfg)
 
     log.info("loading base model %s", cfg.model.get("pretrained", cfg.model.get("arch")))
     pipeline = build(cfg.model)
@@ -101,10 +107,11 @@ def run(cfg: DictConfig) -> dict:
     module = AdapterFineTuner(
         pipeline=pipeline,
         method=method,
-        optimizer=build(cfg.optim),
+        optimizer=optimizer,
         lr_scheduler=build(cfg.lr_scheduler),
         seed=cfg.seed,
         fast_path=fast_path,
+        loraplus_ratio=optim_extra["loraplus_ratio"],
     )
     if checkpoint is not None:
         check_checkpoint(checkpoint.get("sdft"), module.identity, ckpt_path)
@@ -141,6 +148,8 @@ def run(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         record = run_metadata(cfg, out, trainer, datamodule, started)
         files = module.save_adapter(out, record) if trainer.is_global_zero else []
+        if files and (ema := find_ema(trainer)):  # <file>_ema.safetensors beside each file
+            files += ema.save_adapter(module, out, record)
         if trainer.is_global_zero:
             write_status(out, "finished", step=trainer.global_step, files=[str(f) for f in files])
     finally:

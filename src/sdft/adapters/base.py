@@ -27,6 +27,43 @@ CONV_LAYERS = r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut)|(downsamplers|upsam
 CONV_3X3 = r"resnets\.\d+\.(conv1|conv2)|(downsamplers|upsamplers)\.0\.conv"
 
 
+# kohya's 25 SD1.x blocks (networks/lora.py get_block_index): IN00-IN11, MID, OUT00-OUT11.
+# IN k = down_blocks.i's attention/resnet j with k = 3 i + j + 1 (IN00, conv_in, has no LoRA),
+# OUT k = up_blocks.i's j with k = 3 i + j; block_dims set the attention and 1x1 layers' rank.
+NUM_BLOCKS = 25
+BLOCK_LINEAR = r"to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\..+"  # a block's non-conv layers
+
+
+def block_patterns(dims: list[int] | None, alphas: list[float] | None) -> tuple[dict, dict]:
+    """kohya `block_dims` / `block_alphas` as peft rank_pattern / alpha_pattern."""
+    for key, values in (("block_dims", dims), ("block_alphas", alphas)):
+        if values is not None and len(values) != NUM_BLOCKS:
+            raise ValueError(
+                f"method.{key} has {len(values)} values: give {NUM_BLOCKS} "
+                "(IN00-IN11, MID, OUT00-OUT11, as kohya)"
+            )
+    if dims is None:
+        if alphas is not None:
+            raise ValueError("method.block_alphas needs method.block_dims")
+        return {}, {}
+    for d in dims:
+        check_rank("block_dims[...]", d)
+    ranks, alpha_of = {}, {}
+    for k in range(NUM_BLOCKS):
+        if k == 0:
+            continue  # IN00 is conv_in: kohya puts no LoRA there
+        if k < 12:
+            part = rf"down_blocks\.{(k - 1) // 3}\.(attentions|resnets)\.{(k - 1) % 3}"
+        elif k == 12:
+            part = r"mid_block\.(attentions|resnets)\.\d+"
+        else:
+            part = rf"up_blocks\.{(k - 13) // 3}\.(attentions|resnets)\.{(k - 13) % 3}"
+        pattern = rf"{part}\.(.+\.({BLOCK_LINEAR})|conv_shortcut)"
+        ranks[pattern] = dims[k]
+        alpha_of[pattern] = float(alphas[k] if alphas is not None else dims[k])
+    return ranks, alpha_of
+
+
 def check_rank(key: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"method.{key}={value!r} must be a positive integer")
@@ -51,7 +88,13 @@ class PeftMethod(ABC):
         init_weights: str | None = None,
         save_dtype: str = "float32",
         output_name: str = "adapter",
+        use_dora: bool = False,  # only LoRAMethod handles it: any other method refuses it
     ):
+        if use_dora:
+            raise ValueError(
+                f"method.use_dora=true: DoRA decomposes a LoRA update, use method=lora or "
+                f"locon (method={self.name} has no DoRA form)"
+            )
         check_rank("rank", rank)
         if conv_rank is not None:
             check_rank("conv_rank", conv_rank)

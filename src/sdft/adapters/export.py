@@ -54,7 +54,8 @@ def kohya_state_dict(
         for path, lw in by_path.items():
             name = kohya_name(component, path)
             for factor, t in lw.tensors.items():
-                key = f"{name}.{factor}.weight" if lw.kind == "lora" else f"{name}.{factor}"
+                plain = lw.kind != "lora" or factor == "dora_scale"  # DoRA: no .weight
+                key = f"{name}.{factor}" if plain else f"{name}.{factor}.weight"
                 out[key] = t.detach().to("cpu", dtype).contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(lw.alpha), dtype=dtype)
     return out

@@ -134,6 +134,11 @@ def peft_layer_weights(layer: BaseTunerLayer, adapter: str) -> LayerWeights:
         if adapter in getattr(layer, PEFT_NAMES.get(name, name)):
             tensors[name] = peft_factor(layer, name, adapter).detach()
     weights = LayerWeights(kind, tensors)
+    magnitude = getattr(layer, "lora_magnitude_vector", {})
+    if adapter in magnitude:  # DoRA: LyCORIS/ComfyUI `dora_scale`, one norm per output row
+        w = tensors["lora_up"]  # (out, r[, 1, 1])
+        m = magnitude[adapter].weight.detach()  # peft: (out,) linear, (1, out, 1, 1) conv
+        tensors["dora_scale"] = m.reshape(w.shape[0], *[1] * (w.dim() - 1))
     scaling = float(layer.scaling[adapter])
     if weights.rank is None:  # full LoKr factors: readers apply no scale, so bake it into w1
         tensors["lokr_w1"] = tensors["lokr_w1"] * scaling

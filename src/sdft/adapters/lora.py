@@ -5,6 +5,11 @@ Update rule: h = W0 x + (alpha / r) * B A x, with A (r x in) and B (out x r); B 
 zero so training starts from the base model exactly; A is Gaussian (as the paper and the
 diffusers example) or Kaiming-uniform (peft's default). With `conv_rank` set this is LoCon
 (see locon.py): conv layers get a k x k conv down (A) and a 1 x 1 conv up (B).
+
+peft options: `use_rslora` scales by alpha / sqrt(r) instead of alpha / r (rank-stable);
+`use_dora` (DoRA) trains a per-output-row magnitude m too:
+W' = m * (W0 + s B A) / ||W0 + s B A||_row; `rank_pattern` / `alpha_pattern` (or kohya's
+25 `block_dims` / `block_alphas` for SD1.x) give layers their own rank and alpha.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from sdft.adapters import export
-from sdft.adapters.base import PeftMethod
+from sdft.adapters.base import PeftMethod, block_patterns
 from sdft.files import atomic_output
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention
+INITS = {"gaussian": "gaussian", "kaiming": True}  # method.init -> peft init_lora_weights
 
 
 class LoRAMethod(PeftMethod):
     """LoRA adapters on `target_modules` of the chosen attention layers of the UNet."""
 
     name = "lora"
+    has_lora_b = True  # LoRA+ (optim.loraplus_ratio) raises the B matrices' learning rate
 
     def __init__(
         self,
@@ -38,6 +45,12 @@ class LoRAMethod(PeftMethod):
         attention: str = "all",
         target_regex: str | None = None,
         init: str = "gaussian",
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
+        block_dims: list[int] | None = None,
+        block_alphas: list[float] | None = None,
         conv_rank: int | None = None,
         conv_alpha: float | None = None,
         train_text_encoder: bool = False,
@@ -57,9 +70,17 @@ class LoRAMethod(PeftMethod):
             save_dtype=save_dtype,
             output_name=output_name,
         )
-        if init not in ("gaussian", "kaiming"):
-            raise ValueError(f"method.init={init!r} must be 'gaussian' or 'kaiming'")
+        if init not in INITS:
+            raise ValueError(f"method.init={init!r} must be one of {list(INITS)}")
         self.dropout, self.init, self.train_text_encoder = dropout, init, train_text_encoder
+        self.use_dora, self.use_rslora = use_dora, use_rslora
+        self.block_dims, self.block_alphas = block_dims, block_alphas
+        blocks_r, blocks_a = block_patterns(block_dims, block_alphas)
+        # the first matching pattern wins in peft: the user's own first, then the blocks'
+        self.user_patterns = (
+            {**(rank_pattern or {}), **blocks_r},
+            {**(alpha_pattern or {}), **blocks_a},
+        )
 
     def lora_config(self, target_modules: str | list[str] | None = None) -> LoraConfig:
         rank_pattern, alpha_pattern = self.rank_patterns() if target_modules is None else ({}, {})
@@ -67,7 +88,9 @@ class LoRAMethod(PeftMethod):
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
-            init_lora_weights="gaussian" if self.init == "gaussian" else True,
+            init_lora_weights=INITS[self.init],
+            use_dora=self.use_dora,
+            use_rslora=self.use_rslora,
             target_modules=target_modules or self.target_regex,
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,
@@ -79,8 +102,20 @@ class LoRAMethod(PeftMethod):
     def text_encoder_config(self) -> LoraConfig:
         return self.lora_config(TEXT_ENCODER_TARGETS)
 
+    def rank_patterns(self) -> tuple[dict, dict]:
+        conv_r, conv_a = super().rank_patterns()
+        return {**self.user_patterns[0], **conv_r}, {**self.user_patterns[1], **conv_a}
+
     def describe(self) -> dict:
-        return super().describe() | ({"text_encoder": True} if self.train_text_encoder else {})
+        peft_options = {
+            "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora,
+            "rank_pattern": self.user_patterns[0],
+            "alpha_pattern": self.user_patterns[1],
+        }
+        changed = {k: v for k, v in peft_options.items() if v}  # old checkpoints still match
+        te = {"text_encoder": True} if self.train_text_encoder else {}
+        return super().describe() | te | changed
 
     def trained_components(self, pipe: StableDiffusionPipeline) -> dict:
         te = {"text_encoder": pipe.text_encoder} if self.train_text_encoder else {}
@@ -94,9 +129,14 @@ class LoRAMethod(PeftMethod):
             )
 
     def network_args(self) -> dict:
-        return super().network_args() | (
-            {"train_text_encoder": True} if self.train_text_encoder else {}
-        )
+        kohya = {  # kohya / LyCORIS names of the same options
+            "train_text_encoder": self.train_text_encoder,
+            "dora_wd": self.use_dora,
+            "rs_lora": self.use_rslora,
+            "block_dims": self.block_dims,
+            "block_alphas": self.block_alphas,
+        }
+        return super().network_args() | {k: v for k, v in kohya.items() if v}
 
     def diffusers_state_dict(
         self, model: torch.nn.Module, component: str = "unet"

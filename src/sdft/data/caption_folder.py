@@ -22,6 +22,7 @@ import json
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -62,11 +63,40 @@ def load_pixels(
     return x.flip(-1) if flip else x
 
 
+@dataclass(frozen=True)
+class TagOptions:
+    """kohya-style handling of comma-separated tag captions ("1girl, red hair, smiling"):
+    the first `keep` tags stay in place, the rest are shuffled and each dropped with
+    probability `dropout`; tags are split on `separator` and joined with it plus a space."""
+
+    shuffle: bool = False
+    separator: str = ","
+    keep: int = 0
+    dropout: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.dropout > 0
+
+    def apply(self, caption: str, rng: random.Random) -> str:
+        tags = [t.strip() for t in caption.split(self.separator)]
+        tags = [t for t in tags if t]
+        kept, rest = tags[: self.keep], tags[self.keep :]
+        if self.shuffle:
+            rng.shuffle(rest)
+        if self.dropout:
+            rest = [t for t in rest if rng.random() >= self.dropout]
+        joiner = self.separator if self.separator.isspace() else self.separator.strip() + " "
+        return joiner.join(kept + rest)
+
+
 class CaptionFolderDataset(Dataset):
     """Images as (3, H, W) in [-1, 1] with a caption; indexed by (i, flip[, epoch]).
 
-    `captions[i]` lists sample i's captions; which one, caption dropout and a random crop
-    are drawn from (seed, epoch, i), so they are reproducible and survive a resume."""
+    `captions[i]` lists sample i's captions; which one, caption dropout, tag shuffling and
+    dropout, and a random crop are drawn from (seed, epoch, i), so they are reproducible and
+    survive a resume. With `variants` > 0 the tags take one of that many fixed seeded
+    orders per caption (what a text cache can hold), else a fresh one each epoch."""
 
     def __init__(
         self,
@@ -78,10 +108,13 @@ class CaptionFolderDataset(Dataset):
         prefix: str = "",
         suffix: str = "",
         dropout: float = 0.0,
+        tags: TagOptions = TagOptions(),
+        variants: int = 0,
     ):
         self.images, self.captions, self.sizes = images, captions, sizes
         self.seed, self.crop = seed, crop
         self.prefix, self.suffix, self.dropout = prefix, suffix, dropout
+        self.tags, self.variants = tags, variants
 
     def __len__(self) -> int:
         return len(self.images)
@@ -98,10 +131,33 @@ class CaptionFolderDataset(Dataset):
         if self.dropout and rng.random() < self.dropout:
             return ""  # unconditional: what classifier-free guidance samples against
         options = self.captions[key[0]]
-        return self.prefix + options[rng.randrange(len(options))] + self.suffix
+        k = rng.randrange(len(options))
+        text = options[k]
+        if self.tags.active:
+            if self.variants:
+                text = self.tag_variant(key[0], k, rng.randrange(self.variants))
+            else:
+                text = self.tags.apply(text, self._rng("tags", key))
+        return self.prefix + text + self.suffix
+
+    def tag_variant(self, i: int, k: int, v: int) -> str:
+        """Variant v of sample i's caption k: the same text in every epoch and every run."""
+        rng = random.Random(f"tags/{self.seed}/{i}/{k}/{v}")
+        return self.tags.apply(self.captions[i][k], rng)
 
     def all_captions(self) -> list[str]:
-        out = {self.prefix + c + self.suffix for options in self.captions for c in options}
+        if self.tags.active and not self.variants:
+            raise ValueError("tag shuffling/dropout without variants has no finite caption set")
+        if self.tags.active:
+            texts = {
+                self.tag_variant(i, k, v)
+                for i, options in enumerate(self.captions)
+                for k in range(len(options))
+                for v in range(self.variants)
+            }
+        else:
+            texts = {c for options in self.captions for c in options}
+        out = {self.prefix + c + self.suffix for c in texts}
         return sorted(out | ({""} if self.dropout else set()))
 
     def __getitem__(self, key: tuple) -> dict:
@@ -124,6 +180,11 @@ class CaptionFolderDataModule(CachingDataModule):
         caption_prefix: str = "",
         caption_suffix: str = "",
         caption_dropout: float = 0.0,
+        shuffle_tags: bool = False,
+        tag_separator: str = ",",
+        keep_tags: int = 0,
+        tag_dropout: float = 0.0,
+        caption_variants: int = 8,
         resolution: int = 512,
         crop: str = "center",
         flip: bool = True,
@@ -147,6 +208,17 @@ class CaptionFolderDataModule(CachingDataModule):
             raise ValueError("data.cache=true fixes each image's crop: use data.crop=center")
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"data.caption_dropout={caption_dropout} must be in [0, 1)")
+        if not 0.0 <= tag_dropout < 1.0:
+            raise ValueError(f"data.tag_dropout={tag_dropout} must be in [0, 1)")
+        if keep_tags < 0 or not tag_separator:
+            raise ValueError(
+                f"data.keep_tags={keep_tags} must be >= 0 and data.tag_separator non-empty"
+            )
+        if cache and (shuffle_tags or tag_dropout) and caption_variants < 1:
+            raise ValueError(
+                "data.cache=true with data.shuffle_tags/tag_dropout encodes a fixed set of "
+                f"captions: data.caption_variants={caption_variants} must be >= 1"
+            )
         if caption is not None and not caption.strip():
             raise ValueError("data.caption is empty: give a caption, or null to read them")
         check_on_bad_sample(on_bad_sample)
@@ -303,6 +375,8 @@ class CaptionFolderDataModule(CachingDataModule):
             prefix=hp.caption_prefix,
             suffix=hp.caption_suffix,
             dropout=hp.caption_dropout,
+            tags=TagOptions(hp.shuffle_tags, hp.tag_separator, hp.keep_tags, hp.tag_dropout),
+            variants=hp.caption_variants if hp.cache else 0,  # the cache holds each text
         )
 
     def train_sampler(self):

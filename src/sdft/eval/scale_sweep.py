@@ -19,6 +19,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from sdft.ema import find_ema
 from sdft.eval.grids import labelled_grid, to_pil
 from sdft.eval.metrics import ClipScorer, ImageEncoder, clip_score, image_cosine
 from sdft.eval.results import (
@@ -103,7 +104,10 @@ class ScaleSweepEvaluator(L.Callback):
         every_n_steps: int = 0,
         on_checkpoint: bool = False,
         out_dir: str = "eval",
+        use_ema: bool | str = False,
     ):
+        if use_ema not in (False, True, "both"):
+            raise ValueError(f"eval.use_ema={use_ema!r} must be false, true or both")
         self.scales = [float(s) for s in scales]
         self.num_prompts, self.seeds = num_prompts, list(seeds)
         self.prompt_template = prompt_template
@@ -115,9 +119,10 @@ class ScaleSweepEvaluator(L.Callback):
         self.grid_rows = grid_rows
         self.every_n_steps, self.on_checkpoint = every_n_steps, on_checkpoint
         self.out_dir = Path(out_dir)
+        self.use_ema = use_ema
         self.scorer: ClipScorer | None = None
         self.encoder: ImageEncoder | None = None
-        self.results: dict[int, SweepResult] = {}  # by global step
+        self.results: dict[tuple, SweepResult] = {}  # by (global step, "eval" or "eval_ema")
         self._references: dict[tuple, tuple] = {}
 
     # -- models: loaded once; in `setup`, so that a missing one stops the run before training
@@ -325,6 +330,10 @@ class ScaleSweepEvaluator(L.Callback):
     # -- Lightning hooks -------------------------------------------------------------
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
+            if self.use_ema and find_ema(trainer) is None:
+                raise ValueError(
+                    f"eval.use_ema={self.use_ema} needs an EMA: set callbacks.ema.decay=0.999"
+                )
             self.load_models()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -343,10 +352,22 @@ class ScaleSweepEvaluator(L.Callback):
         self.sweep(trainer, module)
 
     def sweep(self, trainer: L.Trainer, module: L.LightningModule) -> SweepResult | None:
-        """Evaluate the module being trained (once per global step), write and log it."""
+        """Evaluate the module being trained (once per global step), write and log it; with
+        `use_ema` its EMA adapter instead (true) or as well (both: `eval_ema/*`, in ema/)."""
+        ema = find_ema(trainer) if self.use_ema else None
+        if ema is None or self.use_ema == "both":
+            result = self._sweep(trainer, module, "eval")
+        if ema is not None:
+            with ema.applied(module):
+                prefix = "eval_ema" if self.use_ema == "both" else "eval"
+                ema_result = self._sweep(trainer, module, prefix)
+            result = result if self.use_ema == "both" else ema_result
+        return result
+
+    def _sweep(self, trainer: L.Trainer, module: L.LightningModule, prefix: str):
         step = trainer.global_step
-        if step in self.results:
-            return self.results[step]
+        if (step, prefix) in self.results:
+            return self.results[step, prefix]
         if not hasattr(trainer.datamodule, "reference_dataset"):
             log.warning("scale sweep skipped: the data module has no categories to prompt")
             return None
@@ -365,12 +386,17 @@ class ScaleSweepEvaluator(L.Callback):
             )
         finally:
             module.train(was_training)
-        self.results[step] = result
-        metrics = result.metrics()
+        self.results[step, prefix] = result
+        metrics = {prefix + k.removeprefix("eval"): v for k, v in result.metrics().items()}
         # self.log() is not allowed in on_train_end; the trainer's dict is what
         # sdft.train.run returns and what checkpoint callbacks and sweepers read.
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and prefix != "eval":  # the EMA beside the adapter
+            write_results(result, self.out_dir / "ema" / f"step_{step:06d}")
+            append_history(self.out_dir / "ema" / "history.csv", step, metrics)
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step)
+        elif trainer.is_global_zero:
             files = write_results(result, self.out_dir / f"step_{step:06d}")
             append_history(self.out_dir / "history.csv", step, metrics)
             log_results(result, trainer.loggers, step, files)

@@ -1,0 +1,120 @@
+"""peft options of lora/locon: DoRA (and its kohya `dora_scale` export), rsLoRA, per-layer
+ranks (rank_pattern, kohya block_dims), and the refusals of options a method lacks."""
+
+import pytest
+import torch
+from conftest import unet_out
+from diffusers import StableDiffusionPipeline
+from omegaconf import OmegaConf
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+
+import sdft.models
+from sdft.adapters import LoConMethod, LoHaMethod, LoRAMethod
+from sdft.adapters.base import block_patterns
+from sdft.models import build_random_pipeline
+from sdft.train import run
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+
+
+def trained(method) -> StableDiffusionPipeline:
+    """The tiny pipeline with `method`'s adapter, its factors and magnitudes moved off init."""
+    pipe = build_random_pipeline("tiny")
+    method.apply(pipe)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return pipe
+
+
+def lora_layers(unet) -> dict[str, LoraLayer]:
+    return {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_rslora_scales_by_alpha_over_sqrt_rank():
+    for rslora, expected in ((False, 8 / 16), (True, 8 / 4)):
+        pipe = build_random_pipeline("tiny")
+        LoRAMethod(rank=16, alpha=8, use_rslora=rslora).apply(pipe)
+        scalings = {m.scaling["default"] for m in lora_layers(pipe.unet).values()}
+        assert scalings == {expected}
+
+
+@pytest.mark.parametrize("method_cls", [LoRAMethod, LoConMethod])
+def test_dora_files_reproduce_the_trained_unet(method_cls, tmp_path):
+    method = method_cls(rank=4, use_dora=True, output_name="dora")
+    pipe = trained(method)
+    mags = {n: m.lora_magnitude_vector["default"].weight for n, m in lora_layers(pipe.unet).items()}
+    assert mags and all(m.requires_grad for m in mags.values())  # DoRA trains the magnitudes
+    files = method.save(pipe, tmp_path)
+    # the diffusers file loads in diffusers as a DoRA adapter: same output
+    fresh = build_random_pipeline("tiny")
+    assert not torch.allclose(unet_out(fresh.unet), unet_out(pipe.unet), atol=1e-4)
+    fresh.load_lora_weights(tmp_path, weight_name=DIFFUSERS_FILE)
+    torch.testing.assert_close(unet_out(fresh.unet), unet_out(pipe.unet), atol=1e-5, rtol=1e-4)
+    # the kohya file stores each magnitude as `dora_scale`, (out, 1[, 1, 1]) (LyCORIS'
+    # output-axis form, read by ComfyUI): W' = dora_scale * (W + s up down) / ||.||_row
+    kohya = load_file(tmp_path / "dora.safetensors")
+    assert files[-1] == tmp_path / "dora.safetensors"
+    for name, layer in lora_layers(pipe.unet).items():
+        key = "lora_unet_" + name.replace(".", "_")
+        scale = kohya[f"{key}.dora_scale"]
+        w0 = layer.get_base_layer().weight.detach()
+        assert scale.shape == (w0.shape[0],) + (1,) * (w0.dim() - 1)
+        torch.testing.assert_close(scale.flatten(), mags[name].detach().flatten())
+    # one layer rebuilt from the kohya file alone equals peft's merged DoRA weight
+    name, layer = next((n, m) for n, m in lora_layers(pipe.unet).items() if n.endswith("to_q"))
+    key = "lora_unet_" + name.replace(".", "_")
+    w0 = layer.get_base_layer().weight.detach().clone()
+    s = kohya[f"{key}.alpha"] / kohya[f"{key}.lora_down.weight"].shape[0]
+    w = w0 + s * kohya[f"{key}.lora_up.weight"] @ kohya[f"{key}.lora_down.weight"]
+    rebuilt = kohya[f"{key}.dora_scale"] * w / w.norm(dim=1, keepdim=True)
+    layer.merge()
+    merged = layer.get_base_layer().weight.detach()
+    torch.testing.assert_close(rebuilt, merged, atol=1e-6, rtol=1e-5)
+
+
+def test_block_dims_give_kohya_blocks_their_ranks_and_rank_pattern_wins():
+    dims = list(range(1, 26))  # block k gets rank k + 1
+    to_k = r"up_blocks\.1\.attentions\.0\..*attn2\.to_k"
+    pipe = build_random_pipeline("tiny")
+    method = LoRAMethod(rank=4, block_dims=dims, block_alphas=[2.0] * 25, rank_pattern={to_k: 30})
+    method.apply(pipe)
+    ranks = {n: m.r["default"] for n, m in lora_layers(pipe.unet).items()}
+    alpha = {n: m.lora_alpha["default"] for n, m in lora_layers(pipe.unet).items()}
+    prefix = "transformer_blocks.0.attn1.to_q"
+    assert ranks[f"down_blocks.0.attentions.0.{prefix}"] == 2  # IN01
+    assert ranks[f"mid_block.attentions.0.{prefix}"] == 13  # MID
+    assert ranks[f"up_blocks.1.attentions.0.{prefix}"] == 17  # OUT03 = up_blocks.1, j=0
+    assert ranks[f"up_blocks.1.attentions.1.{prefix}"] == 18  # OUT04
+    assert ranks["up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"] == 30
+    assert alpha[f"mid_block.attentions.0.{prefix}"] == 2.0
+    with pytest.raises(ValueError, match="method.block_dims has 3 values: give 25"):
+        block_patterns([4, 4, 4], None)
+
+
+def test_locon_block_dims_leave_the_3x3_convs_at_conv_rank():
+    pipe = build_random_pipeline("tiny")
+    LoConMethod(rank=4, conv_rank=3, block_dims=[8] * 25).apply(pipe)
+    ranks = {n: m.r["default"] for n, m in lora_layers(pipe.unet).items()}
+    assert ranks["up_blocks.1.resnets.0.conv1"] == 3
+    assert ranks["up_blocks.1.resnets.0.conv_shortcut"] == 8  # 1x1: a block dim, as kohya
+    assert ranks["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"] == 8
+
+
+def test_dora_with_loha_or_lokr_stops_before_the_model_loads(make_cfg, monkeypatch):
+    with pytest.raises(ValueError, match="method.use_dora=true.*method=loha has no DoRA"):
+        LoHaMethod(use_dora=True)
+
+    def no_model(**_):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sdft.models, "build_random_pipeline", no_model)
+    for method in ("loha", "lokr"):
+        cfg = make_cfg(f"method={method}", run=method)
+        OmegaConf.set_struct(cfg, False)
+        cfg.method.use_dora = True  # what `+method.use_dora=true` gives
+        with pytest.raises(ValueError, match=f"use_dora=true.*method={method} has no DoRA"):
+            run(cfg)
