@@ -9,10 +9,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from sdft.loss import DiffusionLoss
 from sdft.perf import FastPath
 
 
@@ -49,7 +49,7 @@ class AdapterFineTuner(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler],
         seed: int = 0,
-        noise_offset: float = 0.0,
+        loss: DiffusionLoss | None = None,
         fast_path: FastPath | None = None,
     ):
         super().__init__()
@@ -59,7 +59,9 @@ class AdapterFineTuner(L.LightningModule):
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         self.method = method
         self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
-        self.seed, self.noise_offset = seed, noise_offset
+        self.seed = seed
+        self.loss = loss or DiffusionLoss()  # plain uniform-timestep MSE
+        self.loss.check(self.noise_scheduler)
         self.fast_path = fast_path
         for m in (self.unet, self.vae, self.text_encoder):
             m.requires_grad_(False)
@@ -132,14 +134,9 @@ class AdapterFineTuner(L.LightningModule):
             text = batch["encoder_hidden_states"]
         else:
             text = self.encode_prompt(batch["caption"])
-        # forward diffusion: pick t, add noise
-        noise = torch.randn(latents.shape, generator=g, device=self.device)
-        if self.noise_offset:
-            offset = torch.randn(latents.shape[:2], generator=g, device=self.device)
-            noise = noise + self.noise_offset * offset[..., None, None]
-        num_t = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, num_t, (latents.shape[0],), generator=g, device=self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        # forward diffusion: noise and t (conf/loss), then the noisy latents
+        noise, t = self.loss.sample(latents, self.noise_scheduler, g)  # (B, 4, h, w), (B,)
+        noisy = self.noise_scheduler.add_noise(latents, self.loss.perturb(noise, g), t)
         # target by the scheduler's parameterisation
         kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
@@ -149,12 +146,13 @@ class AdapterFineTuner(L.LightningModule):
         else:
             raise ValueError(f"unsupported prediction_type {kind!r}")
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
+        # loss: weighted by t as conf/loss says
         if "is_prior" in batch:  # DreamBooth: instance loss + prior_loss_weight x class-image loss
-            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+            per_sample = self.loss.per_sample(pred, target, t, self.noise_scheduler)  # (B,)
             prior = batch["is_prior"]  # (B,) bool
             weight = self.method.prior_loss_weight
             return per_sample[~prior].mean() + weight * per_sample[prior].mean()
-        return F.mse_loss(pred.float(), target.float())
+        return self.loss(pred, target, t, self.noise_scheduler)
 
     def check_finite(self, loss: torch.Tensor | None, batch_idx: int = -1) -> None:
         """Stop on a NaN/inf loss. On the GPU the check reads the previous micro-batch's loss

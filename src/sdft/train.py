@@ -92,6 +92,7 @@ def run(cfg: DictConfig) -> dict:
     datamodule: L.LightningDataModule = build(cfg.data)
     datamodule.setup("fit")
     method = build(cfg.method)
+    loss = build(cfg.loss)
 
     log.info("loading base model %s", cfg.model.get("pretrained", cfg.model.get("arch")))
     pipeline = build(cfg.model)
@@ -103,6 +104,7 @@ def run(cfg: DictConfig) -> dict:
         optimizer=build(cfg.optim),
         lr_scheduler=build(cfg.lr_scheduler),
         seed=cfg.seed,
+        loss=loss,
         fast_path=fast_path,
     )
     if ckpt_path:
