@@ -250,3 +250,61 @@ def test_bad_loss_settings_are_rejected_naming_the_key(kwargs, message):
 def test_timestep_max_past_the_schedule_is_rejected():
     with pytest.raises(ValueError, match="loss.timestep_max=1200 is past the scheduler's"):
         DiffusionLoss(timestep_max=1200).check(sd_noise_scheduler())
+
+
+# -- prediction type and zero terminal SNR --------------------------------------------------
+def test_v_prediction_with_zero_terminal_snr_trains_and_samples_with_a_matching_scheduler(
+    make_cfg,
+):
+    from omegaconf import OmegaConf
+
+    from sdft.eval.evaluate import load_adapter_pipeline
+    from sdft.generate import SAMPLERS, set_sampler
+    from sdft.train import build
+
+    ztsnr = ["model.prediction_type=v_prediction", "model.zero_terminal_snr=true"]
+    cfg = make_cfg(*ztsnr, "data.num_categories=3", "data.flip=false", "optim.lr=1e-2",
+                   "trainer.max_steps=60", "method.rank=8")  # fmt: skip
+    module = AdapterFineTuner(build(cfg.model), build(cfg.method), None, None)
+    schedule = module.noise_scheduler
+    assert schedule.config.prediction_type == "v_prediction"
+    assert schedule.alphas_cumprod[-1].item() == 0.0  # t=999 is pure noise: SNR 0
+
+    def fixed_loss():  # the v-prediction loss at t in [899, 1000), fixed noise
+        g = torch.Generator().manual_seed(0)
+        batch = {**cached_batch(0), "caption": ["a scribble of apple"] * 3}
+        with torch.no_grad():
+            module.loss = DiffusionLoss(timestep_min=899)  # includes the SNR-0 end
+            return module.diffusion_loss(batch, g).item()
+
+    before = fixed_loss()
+    out = run(cfg)["output_dir"]
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    module.load_state_dict(state, strict=False)
+    after = fixed_loss()
+    assert math.isfinite(before) and after < before, (before, after)
+    assert (out / "previews").is_dir()  # sampled at the end of fit with the matching scheduler
+
+    # every sampler (previews, evaluation, generate.py) reads the training schedule
+    samplers = {"preview": module.inference_pipeline().scheduler}
+    adapter_cfg = OmegaConf.create({"adapter": str(out), "model": cfg.model, "method": cfg.method})
+    samplers["evaluate"] = load_adapter_pipeline(adapter_cfg)[0].scheduler
+    for name in SAMPLERS:
+        pipe = build(cfg.model)
+        set_sampler(pipe, name)
+        samplers[f"generate {name}"] = pipe.scheduler
+    for name, sampler in samplers.items():
+        c = sampler.config
+        assert c.prediction_type == "v_prediction", name
+        assert c.rescale_betas_zero_snr and c.timestep_spacing == "trailing", name
+        sampler.set_timesteps(4)
+        assert sampler.timesteps[0].item() == 999, name  # sampling starts from pure noise
+
+
+def test_zero_terminal_snr_with_epsilon_prediction_is_rejected_before_loading():
+    with pytest.raises(
+        ValueError, match="model.zero_terminal_snr=true needs model.prediction_type"
+    ):
+        build_random_pipeline("tiny", prediction_type="epsilon", zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="model.prediction_type='sample' must be one of"):
+        build_random_pipeline("tiny", prediction_type="sample")

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -138,13 +139,7 @@ class AdapterFineTuner(L.LightningModule):
         noise, t = self.loss.sample(latents, self.noise_scheduler, g)  # (B, 4, h, w), (B,)
         noisy = self.noise_scheduler.add_noise(latents, self.loss.perturb(noise, g), t)
         # target by the scheduler's parameterisation
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            raise ValueError(f"unsupported prediction_type {kind!r}")
+        target = self.prediction_target(latents, noise, t)
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
         # loss: weighted by t as conf/loss says
         if "is_prior" in batch:  # DreamBooth: instance loss + prior_loss_weight x class-image loss
@@ -153,6 +148,28 @@ class AdapterFineTuner(L.LightningModule):
             weight = self.method.prior_loss_weight
             return per_sample[~prior].mean() + weight * per_sample[prior].mean()
         return self.loss(pred, target, t, self.noise_scheduler)
+
+    def prediction_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """What the UNet learns to predict: the noise, or the velocity for v models."""
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, t)
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
+    def fixed_timestep_loss(
+        self, latents: torch.Tensor, noise: torch.Tensor, t: int, text: torch.Tensor
+    ) -> torch.Tensor:
+        """The plain MSE of each sample (B,) at timestep `t` with the given noise: the
+        validation loss (see sdft.eval.validation)."""
+        ts = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
+        noisy = self.noise_scheduler.add_noise(latents, noise, ts)
+        pred = self.unet(noisy, ts, encoder_hidden_states=text).sample
+        target = self.prediction_target(latents, noise, ts)
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
 
     def check_finite(self, loss: torch.Tensor | None, batch_idx: int = -1) -> None:
         """Stop on a NaN/inf loss. On the GPU the check reads the previous micro-batch's loss

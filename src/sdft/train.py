@@ -93,6 +93,12 @@ def run(cfg: DictConfig) -> dict:
     datamodule.setup("fit")
     method = build(cfg.method)
     loss = build(cfg.loss)
+    validation = build(cfg.val) if cfg.get("val") else None
+    schedule = build(cfg.model, _target_="sdft.models.pipeline.training_schedule")
+    if schedule is not None:  # the model's timesteps, read without its weights
+        loss.check(schedule)
+        if validation is not None:
+            validation.check(schedule.config.num_train_timesteps)
 
     log.info("loading base model %s", cfg.model.get("pretrained", cfg.model.get("arch")))
     pipeline = build(cfg.model)
@@ -112,6 +118,7 @@ def run(cfg: DictConfig) -> dict:
         check_checkpoint(meta, module.identity, ckpt_path)
 
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c]
+    callbacks += [validation] if validation is not None else []
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg]
     profiler = build(cfg.profiler) if cfg.get("profiler") else None
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers, profiler=profiler)

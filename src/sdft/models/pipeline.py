@@ -99,6 +99,19 @@ def sd_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def check_noise_schedule(prediction_type: str | None, zero_terminal_snr: bool) -> None:
+    """Raise on a parameterisation sdft cannot train (null: the model's, checked later)."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"model.prediction_type={prediction_type!r} must be one of {PREDICTION_TYPES}"
+        )
+    if zero_terminal_snr and prediction_type == "epsilon":
+        raise ValueError(
+            "model.zero_terminal_snr=true needs model.prediction_type=v_prediction: at the "
+            "last timestep the input is pure noise, so there is no noise left to predict"
+        )
+
+
 def set_noise_schedule(
     pipe: StableDiffusionPipeline, prediction_type: str | None, zero_terminal_snr: bool
 ) -> None:
@@ -107,13 +120,7 @@ def set_noise_schedule(
     there (trailing spacing; Lin et al. 2024). Training, previews, evaluation and
     generation all build their schedulers from this config, so they match."""
     kind = prediction_type or pipe.scheduler.config.prediction_type
-    if kind not in PREDICTION_TYPES:
-        raise ValueError(f"model.prediction_type={kind!r} must be one of {PREDICTION_TYPES}")
-    if zero_terminal_snr and kind != "v_prediction":
-        raise ValueError(
-            "model.zero_terminal_snr=true needs model.prediction_type=v_prediction: at the "
-            "last timestep the input is pure noise, so there is no noise left to predict"
-        )
+    check_noise_schedule(kind, zero_terminal_snr)
     if zero_terminal_snr:  # DDIM: the paper's sampler, and it reads both options
         options = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
         pipe.scheduler = DDIMScheduler.from_config(
@@ -123,6 +130,32 @@ def set_noise_schedule(
         pipe.scheduler = type(pipe.scheduler).from_config(
             pipe.scheduler.config, prediction_type=kind
         )
+
+
+def training_schedule(
+    pretrained: str | None = None,
+    revision: str | None = None,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool = False,
+    **_other_model_keys,
+) -> DDPMScheduler | None:
+    """The noise schedule a `model` config trains with, read without loading any weights, so
+    settings that depend on it are checked first; None when the hub cannot be reached."""
+    check_noise_schedule(prediction_type, zero_terminal_snr)
+    if pretrained is None:  # built in code
+        config = sd_noise_scheduler().config
+    else:
+        local = _looks_like_path(pretrained)
+        source = str(Path(pretrained).expanduser()) if local else pretrained
+        try:
+            config = DDPMScheduler.load_config(source, subfolder="scheduler", revision=revision)
+        except OSError:  # load_pipeline says what is wrong
+            return None
+    options = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    options = options if zero_terminal_snr else {}
+    if prediction_type:
+        options["prediction_type"] = prediction_type
+    return DDPMScheduler.from_config(config, **options)
 
 
 def build_random_pipeline(
@@ -200,6 +233,7 @@ def load_pipeline(
 ) -> StableDiffusionPipeline:
     """Load an SD1.x/2.x pipeline from a hub id or a local diffusers folder (no safety
     checker), with the noise schedule `set_noise_schedule` gives it."""
+    check_noise_schedule(prediction_type, zero_terminal_snr)  # before the download
     if _looks_like_path(pretrained):
         path = Path(pretrained).expanduser()
         check_sd_pipeline_dir(path)
