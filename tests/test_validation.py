@@ -68,12 +68,10 @@ def test_same_weights_give_the_same_val_loss_twice_and_from_a_fresh_callback(mak
 
 def test_checkpoint_monitor_on_val_loss_keeps_the_best_adapter(make_cfg):
     cfg = make_cfg(
-        "val.every_n_steps=1",
         "trainer.max_steps=5",
         "optim.lr=3e-2",
-        "callbacks.checkpoint.every_n_train_steps=1",
-        "+callbacks.checkpoint.monitor=val/loss",
-        "+callbacks.checkpoint.mode=min",
+        "callbacks.checkpoint.every_n_train_steps=1",  # validated at each: val.every_n_steps=0
+        "callbacks.checkpoint.monitor=val/loss",
         "callbacks.checkpoint.save_top_k=1",
     )
     out = run(cfg)["output_dir"]

@@ -122,7 +122,8 @@ class AdapterFineTuner(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(key)
 
     def diffusion_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
-        """Noise-prediction MSE of one batch; `g` draws the latents' sample, noise and t."""
+        """The loss of one batch as `self.loss` says (default: noise-prediction MSE); `g` draws
+        the latents' sample, the noise and t."""
         with torch.no_grad():
             if "latent_params" in batch:  # cached VAE output: mean and log-variance (B, 8, h, w)
                 dist = DiagonalGaussianDistribution(batch["latent_params"].float())

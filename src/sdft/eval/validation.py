@@ -62,9 +62,21 @@ class ValidationLoss(L.Callback):
 
     # -- when ---------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+        if self.due(trainer) and trainer.global_step != self._last_step:
             self.log_to(trainer, self.evaluate(trainer, module))
+
+    def due(self, trainer: L.Trainer) -> bool:
+        """Every `every_n_steps`, and whenever a checkpoint that monitors a `val/` metric is
+        about to save: it then ranks this step's weights by this step's number."""
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            return True
+        return any(
+            str(c.monitor).startswith("val/")
+            and c._every_n_train_steps  # Lightning keeps it private; no public getter
+            and step % c._every_n_train_steps == 0
+            for c in trainer.checkpoint_callbacks
+        )
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step:
