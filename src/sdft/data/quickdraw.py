@@ -198,8 +198,8 @@ class QuickDrawDataModule(CachingDataModule):
         count: int | None = None,
         besides: list[Drawing] = (),
     ) -> list[Drawing]:
-        """`count` (default `per_category`) drawings of a category other than `besides`,
-        each checked; bad ones go to `bad`."""
+        """`count` (default `per_category`) drawings of a category, each checked (bad ones go
+        to `bad`); with `besides`, up to `count` drawings that are not among them."""
         if f.suffix == ".npy":
             n = self._count_bitmaps(f)
         else:  # read once: counted, then the chosen lines parsed and checked
@@ -207,13 +207,13 @@ class QuickDrawDataModule(CachingDataModule):
             numbered = [k for k, line in enumerate(lines, 1) if line.strip()]
             n = len(numbered)
         count = self.hparams.per_category if count is None else count
-        taken = {d.index for d in besides}  # rows (.npy) or line numbers (.ndjson)
+        taken = {d.index for d in besides if d.source == f}  # rows (.npy) or lines (.ndjson)
         pool = [r for r in range(n) if (r if f.suffix == ".npy" else numbered[r]) not in taken]
-        if count > len(pool):
+        if besides:  # the validation slice: what is left, up to `count`
+            count = min(count, len(pool))
+        elif count > n:
             raise ValueError(
-                f"data.per_category={self.hparams.per_category} (+ data.val_per_category="
-                f"{self.hparams.val_per_category}) but category {category!r} has only {n} "
-                f"drawings ({f})"
+                f"data.per_category={count} but category {category!r} has only {n} drawings ({f})"
             )
         rows = sorted(rng.sample(pool, count))  # = sample(range(n)) when nothing is taken
         if f.suffix == ".npy":
@@ -245,15 +245,16 @@ class QuickDrawDataModule(CachingDataModule):
         n_trained_bad = len(bad)
         rng = random.Random(hp.seed + 2)  # its own stream: the trained drawings stay put
         self.held_out = [d for c in held_out for d in self._pick(c, files[c], rng, bad)]
-        rng = random.Random(hp.seed + 3)  # validation: drawings the training never sees
+        self.skipped = bad.finish(len(drawings) + len(self.held_out) + len(bad))
+        # validation: drawings the training never sees; a bad one is left out unreported, as
+        # the lines that no split chooses always were
+        rng, unreported = random.Random(hp.seed + 3), BadSamples("error", str(self.path))
         self.val_trained = [
             d
             for c in trained
-            for d in self._pick(c, files[c], rng, bad, hp.val_per_category, drawings)
+            for d in self._pick(c, files[c], rng, unreported, hp.val_per_category, drawings)
             if hp.val_per_category
         ]
-        n_val = len(self.held_out) + len(self.val_trained)
-        self.skipped = bad.finish(len(drawings) + n_val + len(bad))
         if not drawings:
             raise BadSampleError(f"no usable drawings of the trained categories in {self.path}")
         self.split = {
