@@ -61,7 +61,8 @@ def test_every_config_option_composes_and_names_a_target(make_cfg, group, option
 
 
 @pytest.mark.parametrize(
-    "group", ["data", "method", "optim", "lr_scheduler", "trainer", "callbacks", "logger"]
+    "group",
+    ["data", "method", "optim", "lr_scheduler", "trainer", "callbacks", "logger", "loss", "val"],
 )
 def test_every_cheap_config_option_instantiates(make_cfg, group):
     for option in GROUPS[group]:

@@ -14,6 +14,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusio
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from sdft.data.sampler import ResumableLoader, ResumableSampler
+from sdft.loss import DiffusionLoss
 from sdft.optim import eval_mode, is_schedule_free, make_optimizer
 from sdft.perf import FastPath
 
@@ -64,7 +65,7 @@ class AdapterFineTuner(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler],
         seed: int = 0,
-        noise_offset: float = 0.0,
+        loss: DiffusionLoss | None = None,
         fast_path: FastPath | None = None,  # a trainer callback too: it applies the switches
         loraplus_ratio: float | None = None,
     ):
@@ -76,7 +77,9 @@ class AdapterFineTuner(L.LightningModule):
         self.method = method
         self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
         self.loraplus_ratio = loraplus_ratio  # LoRA+: B matrices at ratio x lr
-        self.seed, self.noise_offset = seed, noise_offset
+        self.seed = seed
+        self.loss = loss or DiffusionLoss()  # plain uniform-timestep MSE
+        self.loss.check(self.noise_scheduler)
         self.fast_path = fast_path
         for m in (self.unet, self.vae, self.text_encoder):
             m.requires_grad_(False)
@@ -132,7 +135,8 @@ class AdapterFineTuner(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(key)
 
     def diffusion_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
-        """Noise-prediction MSE of one batch; `g` draws the latents' sample, noise and t."""
+        """The loss of one batch as `self.loss` says (default: noise-prediction MSE); `g` draws
+        the latents' sample, the noise and t."""
         with torch.no_grad():
             if "latent_params" in batch:  # cached VAE output: mean and log-variance (B, 8, h, w)
                 dist = DiagonalGaussianDistribution(batch["latent_params"].float())
@@ -145,29 +149,41 @@ class AdapterFineTuner(L.LightningModule):
             text = batch["encoder_hidden_states"]
         else:
             text = self.encode_prompt(batch["caption"])
-        # forward diffusion: pick t, add noise
-        noise = torch.randn(latents.shape, generator=g, device=self.device)
-        if self.noise_offset:
-            offset = torch.randn(latents.shape[:2], generator=g, device=self.device)
-            noise = noise + self.noise_offset * offset[..., None, None]
-        num_t = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, num_t, (latents.shape[0],), generator=g, device=self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        # forward diffusion: noise and t (conf/loss), then the noisy latents
+        noise, t = self.loss.sample(latents, self.noise_scheduler, g)  # (B, 4, h, w), (B,)
+        noisy = self.noise_scheduler.add_noise(latents, self.loss.perturb(noise, g), t)
         # target by the scheduler's parameterisation
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            raise ValueError(f"unsupported prediction_type {kind!r}")
+        target = self.prediction_target(latents, noise, t)
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
+        # loss: weighted by t as conf/loss says
         if "is_prior" in batch:  # DreamBooth: instance loss + prior_loss_weight x class-image loss
-            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+            per_sample = self.loss.per_sample(pred, target, t, self.noise_scheduler)  # (B,)
             prior = batch["is_prior"]  # (B,) bool
             weight = self.method.prior_loss_weight
             return per_sample[~prior].mean() + weight * per_sample[prior].mean()
-        return F.mse_loss(pred.float(), target.float())
+        return self.loss(pred, target, t, self.noise_scheduler)
+
+    def prediction_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """What the UNet learns to predict: the noise, or the velocity for v models."""
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, t)
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
+    def fixed_timestep_loss(
+        self, latents: torch.Tensor, noise: torch.Tensor, t: int, text: torch.Tensor
+    ) -> torch.Tensor:
+        """The plain MSE of each sample (B,) at timestep `t` with the given noise: the
+        validation loss (see sdft.eval.validation)."""
+        ts = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
+        noisy = self.noise_scheduler.add_noise(latents, noise, ts)
+        pred = self.unet(noisy, ts, encoder_hidden_states=text).sample
+        target = self.prediction_target(latents, noise, ts)
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
 
     def check_finite(self, loss: torch.Tensor | None, batch_idx: int = -1) -> None:
         """Stop on a NaN/inf loss. On the GPU the check reads the previous micro-batch's loss

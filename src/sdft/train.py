@@ -99,6 +99,13 @@ def run(cfg: DictConfig) -> dict:
     check_optimizer_installed(optim_cfg)
     check_loraplus(method, optim_extra["loraplus_ratio"])
     optimizer = build(optim_cfg)
+    loss = build(cfg.loss)
+    validation = build(cfg.val) if cfg.get("val") else None
+    schedule = build(cfg.model, _target_="sdft.models.pipeline.training_schedule")
+    if schedule is not None:  # the model's timesteps, read without its weights
+        loss.check(schedule)
+        if validation is not None:
+            validation.check(schedule.config.num_train_timesteps)
 
     log.info("loading base model %s", cfg.model.get("pretrained", cfg.model.get("arch")))
     pipeline = build(cfg.model)
@@ -110,6 +117,7 @@ def run(cfg: DictConfig) -> dict:
         optimizer=optimizer,
         lr_scheduler=build(cfg.lr_scheduler),
         seed=cfg.seed,
+        loss=loss,
         fast_path=fast_path,
         loraplus_ratio=optim_extra["loraplus_ratio"],
     )
@@ -121,6 +129,7 @@ def run(cfg: DictConfig) -> dict:
             ckpt_path = None
 
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c]
+    callbacks += [validation] if validation is not None else []
     callbacks.append(fast_path)
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepBoundProgressBar())

@@ -198,8 +198,14 @@ class CaptionFolderDataModule(CachingDataModule):
         max_pixels: int = MAX_PIXELS,
         cache: bool = False,
         cache_dir: str = "~/.cache/sdft",
+        val_fraction: float = 0.0,
+        val_path: str | None = None,
     ):
         super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        if val_fraction and val_path:
+            raise ValueError("data.val_fraction and data.val_path: give one or the other")
         if caption_source not in SOURCES:
             raise ValueError(f"data.caption_source={caption_source!r} must be one of {SOURCES}")
         if crop not in ("center", "random"):
@@ -227,6 +233,7 @@ class CaptionFolderDataModule(CachingDataModule):
         self.save_hyperparameters(logger=False)
         self.path = Path(path).expanduser()
         self.dataset: CaptionFolderDataset | None = None
+        self.val_dataset: CaptionFolderDataset | None = None  # for the validation loss
         self.buckets: list[tuple[int, int]] = []
         self.bucket_of: list[int] = []
         self.sources: list[Path] = []  # caption files read
@@ -357,7 +364,50 @@ class CaptionFolderDataModule(CachingDataModule):
             else:
                 good.append((image, captions, size))
         self.skipped = bad.finish(len(good) + len(bad))
+        good, held = self._split_val(good)
         self._make_dataset(good)
+        if held:
+            self.val_dataset = self._val_dataset(held)
+
+    def _split_val(self, good: list) -> tuple[list, list]:
+        """(training rows, validation rows): a seeded `val_fraction` of the folder (at least
+        one image), or all of `val_path` read with the same settings."""
+        hp = self.hparams
+        if hp.val_path:
+            other = CaptionFolderDataModule(**{**hp, "path": hp.val_path, "val_path": None})
+            other.setup()
+            ds = other.dataset
+            return good, list(zip(map(Path, ds.images), ds.captions, ds.sizes, strict=True))
+        if not hp.val_fraction:
+            return good, []
+        n_val = max(1, round(hp.val_fraction * len(good)))
+        if n_val >= len(good):
+            raise ValueError(
+                f"data.val_fraction={hp.val_fraction} of {len(good)} images in "
+                f"{str(self.path)!r} leaves no training images"
+            )
+        held = set(random.Random(f"val/{hp.seed}").sample(range(len(good)), n_val))
+        return [r for i, r in enumerate(good) if i not in held], [good[i] for i in sorted(held)]
+
+    def _val_dataset(self, rows: list) -> CaptionFolderDataset:
+        """Validation images at the training resolution, center crop, every caption kept."""
+        hp = self.hparams
+        size = (hp.resolution, hp.resolution)
+        images, captions = [str(r[0]) for r in rows], [r[1] for r in rows]
+        return CaptionFolderDataset(
+            images,
+            captions,
+            [size] * len(rows),
+            hp.seed,
+            "center",
+            hp.caption_prefix,
+            hp.caption_suffix,
+        )
+
+    def val_datasets(self) -> dict[str, CaptionFolderDataset]:
+        """The validation loss's data (`val_fraction` or `val_path`); empty without either."""
+        self.setup()
+        return {"held_out": self.val_dataset} if self.val_dataset is not None else {}
 
     def _make_dataset(self, good: list) -> None:
         hp = self.hparams

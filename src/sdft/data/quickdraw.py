@@ -101,6 +101,7 @@ class QuickDrawDataModule(CachingDataModule):
         num_categories: int = 100,
         held_out_fraction: float = 0.3,
         per_category: int = 20,
+        val_per_category: int = 2,
         categories: list[str] | None = None,
         formats: list[str] = ("npy", "ndjson"),
         render: str = "bitmap",
@@ -124,6 +125,7 @@ class QuickDrawDataModule(CachingDataModule):
         self.split: dict | None = None
         self.dataset: QuickDrawDataset | None = None
         self.held_out: list[Drawing] = []
+        self.val_trained: list[Drawing] = []  # unseen drawings of the trained categories
         self.skipped = 0
 
     # -- discovery -------------------------------------------------------------------
@@ -187,20 +189,33 @@ class QuickDrawDataModule(CachingDataModule):
         n_trained = round(hp.num_categories * (1 - hp.held_out_fraction))
         return chosen[:n_trained], chosen[n_trained:]
 
-    def _pick(self, category: str, f: Path, rng: random.Random, bad: BadSamples) -> list[Drawing]:
-        """`per_category` drawings of a category, each checked; bad ones go to `bad`."""
+    def _pick(
+        self,
+        category: str,
+        f: Path,
+        rng: random.Random,
+        bad: BadSamples,
+        count: int | None = None,
+        besides: list[Drawing] = (),
+    ) -> list[Drawing]:
+        """`count` (default `per_category`) drawings of a category, each checked (bad ones go
+        to `bad`); with `besides`, up to `count` drawings that are not among them."""
         if f.suffix == ".npy":
             n = self._count_bitmaps(f)
         else:  # read once: counted, then the chosen lines parsed and checked
             lines = self._read_lines(f)
             numbered = [k for k, line in enumerate(lines, 1) if line.strip()]
             n = len(numbered)
-        if self.hparams.per_category > n:
+        count = self.hparams.per_category if count is None else count
+        taken = {d.index for d in besides if d.source == f}  # rows (.npy) or lines (.ndjson)
+        pool = [r for r in range(n) if (r if f.suffix == ".npy" else numbered[r]) not in taken]
+        if besides:  # the validation slice: what is left, up to `count`
+            count = min(count, len(pool))
+        elif count > n:
             raise ValueError(
-                f"data.per_category={self.hparams.per_category} but category {category!r} has "
-                f"only {n} drawings ({f})"
+                f"data.per_category={count} but category {category!r} has only {n} drawings ({f})"
             )
-        rows = sorted(rng.sample(range(n), self.hparams.per_category))
+        rows = sorted(rng.sample(pool, count))  # = sample(range(n)) when nothing is taken
         if f.suffix == ".npy":
             return [Drawing(category, f, r, f"{f.name}:{r}") for r in rows]
         out = []
@@ -231,6 +246,15 @@ class QuickDrawDataModule(CachingDataModule):
         rng = random.Random(hp.seed + 2)  # its own stream: the trained drawings stay put
         self.held_out = [d for c in held_out for d in self._pick(c, files[c], rng, bad)]
         self.skipped = bad.finish(len(drawings) + len(self.held_out) + len(bad))
+        # validation: drawings the training never sees; a bad one is left out unreported, as
+        # the lines that no split chooses always were
+        rng, unreported = random.Random(hp.seed + 3), BadSamples("error", str(self.path))
+        self.val_trained = [
+            d
+            for c in trained
+            for d in self._pick(c, files[c], rng, unreported, hp.val_per_category, drawings)
+            if hp.val_per_category
+        ]
         if not drawings:
             raise BadSampleError(f"no usable drawings of the trained categories in {self.path}")
         self.split = {
@@ -241,6 +265,9 @@ class QuickDrawDataModule(CachingDataModule):
             "drawings": {c: [d.key for d in drawings if d.category == c] for c in trained},
             "held_out_drawings": {
                 c: [d.key for d in self.held_out if d.category == c] for c in held_out
+            },
+            "val_drawings": {
+                c: [d.key for d in self.val_trained if d.category == c] for c in trained
             },
             "skipped": n_trained_bad,
             "skipped_held_out": self.skipped - n_trained_bad,
@@ -260,6 +287,17 @@ class QuickDrawDataModule(CachingDataModule):
         if which not in ("trained", "held_out"):
             raise ValueError(f"which={which!r} must be 'trained' or 'held_out'")
         return self.dataset if which == "trained" else self._dataset(self.held_out)
+
+    def val_datasets(self) -> dict[str, QuickDrawDataset]:
+        """The validation loss's data: `val_per_category` drawings of each held-out category
+        and, reported apart, as many unseen drawings of each trained category."""
+        self.setup()
+        k = self.hparams.val_per_category
+        per_category = {
+            c: [d for d in self.held_out if d.category == c] for c in self.split["held_out"]
+        }
+        first = [d for drawings in per_category.values() for d in drawings[:k]]
+        return {"held_out": self._dataset(first), "trained": self._dataset(self.val_trained)}
 
     def save_split(self, out_dir: str | Path) -> Path:
         """Write the category split beside the run's outputs, so evaluation reuses it."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     DDPMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -95,8 +96,73 @@ def sd_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     )
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_noise_schedule(prediction_type: str | None, zero_terminal_snr: bool) -> None:
+    """Raise on a parameterisation sdft cannot train (null: the model's, checked later)."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"model.prediction_type={prediction_type!r} must be one of {PREDICTION_TYPES}"
+        )
+    if zero_terminal_snr and prediction_type == "epsilon":
+        raise ValueError(
+            "model.zero_terminal_snr=true needs model.prediction_type=v_prediction: at the "
+            "last timestep the input is pure noise, so there is no noise left to predict"
+        )
+
+
+def set_noise_schedule(
+    pipe: StableDiffusionPipeline, prediction_type: str | None, zero_terminal_snr: bool
+) -> None:
+    """Give `pipe` the parameterisation it is trained in (null: the model's own) and, with
+    `zero_terminal_snr`, betas rescaled so the last timestep is pure noise, sampled from
+    there (trailing spacing; Lin et al. 2024). Training, previews, evaluation and
+    generation all build their schedulers from this config, so they match."""
+    kind = prediction_type or pipe.scheduler.config.prediction_type
+    check_noise_schedule(kind, zero_terminal_snr)
+    if zero_terminal_snr:  # DDIM: the paper's sampler, and it reads both options
+        options = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        pipe.scheduler = DDIMScheduler.from_config(
+            pipe.scheduler.config, **options, prediction_type=kind
+        )
+    elif kind != pipe.scheduler.config.prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            pipe.scheduler.config, prediction_type=kind
+        )
+
+
+def training_schedule(
+    pretrained: str | None = None,
+    revision: str | None = None,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool = False,
+    **_other_model_keys,
+) -> DDPMScheduler | None:
+    """The noise schedule a `model` config trains with, read without loading any weights, so
+    settings that depend on it are checked first; None when the hub cannot be reached."""
+    check_noise_schedule(prediction_type, zero_terminal_snr)
+    if pretrained is None:  # built in code
+        config = sd_noise_scheduler().config
+    else:
+        local = _looks_like_path(pretrained)
+        source = str(Path(pretrained).expanduser()) if local else pretrained
+        try:
+            config = DDPMScheduler.load_config(source, subfolder="scheduler", revision=revision)
+        except OSError:  # load_pipeline says what is wrong
+            return None
+    options = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    options = options if zero_terminal_snr else {}
+    if prediction_type:
+        options["prediction_type"] = prediction_type
+    return DDPMScheduler.from_config(config, **options)
+
+
 def build_random_pipeline(
-    arch: str = "tiny", seed: int = 0, prediction_type: str = "epsilon"
+    arch: str = "tiny",
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    zero_terminal_snr: bool = False,
 ) -> StableDiffusionPipeline:
     """An SD pipeline of architecture `arch` with seeded random weights, built offline."""
     if arch not in ARCHS:
@@ -127,6 +193,7 @@ def build_random_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    set_noise_schedule(pipe, prediction_type, zero_terminal_snr)
     pipe.register_to_config(_name_or_path=f"sdft-random-{arch}-seed{seed}")
     return pipe
 
@@ -158,9 +225,15 @@ def check_sd_pipeline_dir(path: Path) -> None:
 
 
 def load_pipeline(
-    pretrained: str, revision: str | None = None, variant: str | None = None
+    pretrained: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool = False,
 ) -> StableDiffusionPipeline:
-    """Load an SD1.x/2.x pipeline from a hub id or a local diffusers folder (no safety checker)."""
+    """Load an SD1.x/2.x pipeline from a hub id or a local diffusers folder (no safety
+    checker), with the noise schedule `set_noise_schedule` gives it."""
+    check_noise_schedule(prediction_type, zero_terminal_snr)  # before the download
     if _looks_like_path(pretrained):
         path = Path(pretrained).expanduser()
         check_sd_pipeline_dir(path)
@@ -181,5 +254,6 @@ def load_pipeline(
             f"model.pretrained={pretrained!r} could not be loaded: not in the local Hugging Face "
             f"cache and the hub is unreachable (or the id is wrong). Use model=tiny offline. ({e})"
         ) from e
+    set_noise_schedule(pipe, prediction_type, zero_terminal_snr)
     pipe.register_to_config(_name_or_path=pretrained)
     return pipe
