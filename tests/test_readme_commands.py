@@ -4,7 +4,8 @@ outputs/ its own): a README command cannot rot. A README line this file does not
 make tiny fails `test_every_readme_command_has_a_tiny_form`.
 
 How a README line becomes its tiny form (all of it is here, in `tiny_form`):
-- `python train.py ...` + TRAIN: the tiny model on the CPU at 64 px, 2 steps, small previews;
+- `python train.py ...` + TRAIN: the tiny model on the CPU at 64 px, 2 steps (a checkpoint
+  each), small previews;
   + TINY_EVAL (the sweep at its smallest, random tiny CLIPs) when its data has categories.
   A key the README line sets itself is never overridden (its `seeds=`, its `model.pretrained=`).
 - `python evaluate.py ...` + TINY_EVAL; `python generate.py ...` + GENERATE (tiny model, CPU,
@@ -51,6 +52,7 @@ TRAIN = [
     "trainer.enable_progress_bar=false",
     "callbacks.preview.num_inference_steps=2",
     "callbacks.preview.seeds=[0]",
+    "callbacks.checkpoint.every_n_train_steps=1",  # the recipe's every 500, scaled to 2 steps
 ]
 TINY_EVAL = [
     "eval=tiny",
@@ -111,7 +113,8 @@ def tiny_form(command: str, clone: Path) -> list[str] | None:
     argv = shlex.split(command)
     for placeholder, value in PLACEHOLDERS.items():
         argv = [a.replace(placeholder, value) for a in argv]
-    argv = [a.replace("<run>", first_run(clone).name) for a in argv]
+    if "<run>" in command:
+        argv = [a.replace("<run>", first_run(clone).name) for a in argv]
     if argv[0] == "srun":
         argv = argv[1:]
     script, args = argv[1], argv[2:]
