@@ -185,6 +185,7 @@ def new_folders(parent: Path, before: set[Path]) -> list[Path]:
 def overrides_of(command: str) -> list:
     """The README line's own key=value overrides, as Hydra parses them."""
     args = [a for a in shlex.split(command)[2:] if "=" in a and not a.startswith("hydra")]
+    args = [a.replace("<run>", "run") for a in args]  # `<` is no character of Hydra's grammar
     return OverridesParser.create().parse_overrides(args)
 
 
