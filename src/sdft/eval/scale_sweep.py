@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +34,18 @@ from sdft.eval.results import (
 
 log = logging.getLogger(__name__)
 DEFAULT_SCALES = tuple(i / 10 for i in range(11))  # 0.0, 0.1, ..., 1.0
+
+
+@dataclass(frozen=True)
+class SweepImage:
+    """One image of the sweep: where it sits in the sweep's order, and what makes it."""
+
+    index: int  # position in the sweep: the same on every rank
+    scale: float  # LoRA scale
+    group: str  # "trained" | "held_out"
+    category: str  # prompted as prompt_template.format(category=...)
+    seed: int
+    in_grid: bool  # shown in its group's scale grid
 
 
 def ground_truth_drawings(
@@ -75,8 +88,37 @@ def gather_by_index(
     return out
 
 
+def shard_and_gather(
+    images: list[SweepImage],
+    work: Callable[[list[SweepImage]], dict[str, tuple[torch.Tensor, list[int]]]],
+    rank: int = 0,
+    world: int = 1,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """`work` on this rank's share of `images` (every `world`-th from `rank`), gathered.
+
+    `work(share)` returns, per name, values (k, ...) and the `index` of the image each row
+    belongs to (all of the share, or a part of it, such as the images a grid shows). Every
+    rank gets, per name, (len(images), ...) in sweep order; rows no rank filled are zeros."""
+    out = work(images[rank::world])
+    return {
+        name: gather_by_index(values, indices, len(images), gather, world, device)
+        for name, (values, indices) in out.items()
+    }
+
+
 def _mean_std(x: torch.Tensor) -> tuple[float, float]:
     return x.mean().item(), (x.std().item() if len(x) > 1 else 0.0)
+
+
+def reference_row(reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The real drawings' CLIP scores with their own captions, per group: mean and spread."""
+    out = {}
+    for g, r in reference.items():
+        out[f"clip_score_reference{GROUPS[g]}"] = clip_score(r)
+        out[f"clip_score_reference{GROUPS[g]}_std"] = _mean_std(r)[1]
+    return out
 
 
 class ScaleSweepEvaluator(L.Callback):
@@ -125,7 +167,14 @@ class ScaleSweepEvaluator(L.Callback):
         self.results: dict[tuple, SweepResult] = {}  # by (global step, "eval" or "eval_ema")
         self._references: dict[tuple, tuple] = {}
 
-    # -- models: loaded once; in `setup`, so that a missing one stops the run before training
+    # -- models: loaded once, only for a sweep that will run; in `setup`, so that a missing
+    # one stops the run before training
+    @staticmethod
+    def will_run(datamodule: L.LightningDataModule | None) -> bool:
+        """Whether the data has categories to prompt (QuickDraw); DreamBooth and caption
+        folders have none, and the sweep is skipped without loading any CLIP model."""
+        return hasattr(datamodule, "reference_dataset")
+
     def load_models(self) -> None:
         if self.scorer is None:
             self.scorer = ClipScorer(self.models["clip_score"], self.clip_batch_size)
@@ -192,15 +241,15 @@ class ScaleSweepEvaluator(L.Callback):
     # -- ground truth: encoded once (the drawings do not change while training) --------
     def references(
         self, datamodule: L.LightningDataModule, categories: dict[str, list[str]]
-    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """The image embeddings (n, D) of each category's real drawings, in the order of
-        `categories`, and per group the CLIP scores of those drawings with their captions."""
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The image embeddings (n, D) of each category's real drawings, and per group the
+        CLIP scores of those drawings with their captions."""
         key = tuple((g, tuple(c)) for g, c in categories.items())
         if key not in self._references:
             drawings = {}
             for group, cats in categories.items():
                 drawings |= ground_truth_drawings(datamodule, group, cats)
-            feats = [self.encoder.encode(drawings[c]) for cats in categories.values() for c in cats]
+            feats = {c: self.encoder.encode(drawings[c]) for c in drawings}
             scores = {}
             for group, cats in categories.items():
                 images = torch.cat([drawings[c] for c in cats])
@@ -213,6 +262,23 @@ class ScaleSweepEvaluator(L.Callback):
         return self.prompt_template.format(category=category)
 
     # -- the sweep -------------------------------------------------------------------
+    def plan(self, categories: dict[str, list[str]]) -> list[SweepImage]:
+        """Every image of the sweep, in the order every rank agrees on: scale, group,
+        category, seed. The grids show the first seed of the first `grid_rows` categories."""
+        order = [
+            (s, g, c, seed)
+            for s in self.scales
+            for g, cats in categories.items()
+            for c in cats
+            for seed in self.seeds
+        ]
+        return [
+            SweepImage(
+                i, s, g, c, seed, seed == self.seeds[0] and c in categories[g][: self.grid_rows]
+            )
+            for i, (s, g, c, seed) in enumerate(order)
+        ]
+
     def evaluate(
         self,
         pipe: StableDiffusionPipeline,
@@ -229,111 +295,101 @@ class ScaleSweepEvaluator(L.Callback):
         self._models_to(pipe.device)
         split = datamodule.split
         cats = {g: list(split[g][: self.num_prompts]) for g in GROUPS if split[g]}
-        names = [c for group in cats.values() for c in group]
+        images = self.plan(cats)
+        side = self.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         try:
             gt_feats, reference = self.references(datamodule, cats)
-            # one item per image: (scale, group, category index, seed)
-            items = [
-                (s, g, names.index(c), seed)
-                for s in self.scales
-                for g in cats
-                for c in cats[g]
-                for seed in self.seeds
-            ]
-            # the grids show the first seed of the first `grid_rows` categories of each group
-            in_grid = {
-                (s, g, c): i
-                for i, (s, g, c, seed) in enumerate(items)
-                if seed == self.seeds[0] and names[c] in cats[g][: self.grid_rows]
-            }
-            mine = list(range(rank, len(items), world))
-            keep = set(in_grid.values()) & set(mine)
-            scores, cosines, kept = self._score_items(
-                pipe, items, mine, names, gt_feats, keep, context
-            )
-            total = len(items)
-            # both numbers of each image in one gather: (total, 2)
-            per_image = torch.stack([scores, cosines], dim=1)
-            per_image = gather_by_index(per_image, mine, total, gather, world, pipe.device)
-            scores, cosines = per_image.unbind(1)
-            mine_grid = sorted(keep)
-            if mine_grid:
-                local = torch.stack([kept[i] for i in mine_grid])
-            else:  # this rank drew no grid image; it still joins the gather
-                side = self.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-                local = torch.zeros((0, 3, side, side), dtype=torch.uint8)
-            grid = gather_by_index(local, mine_grid, total, gather, world, pipe.device)
+
+            def work(share: list[SweepImage]) -> dict[str, tuple[torch.Tensor, list[int]]]:
+                numbers, shown = self._generate_and_score(pipe, share, gt_feats, context)
+                if shown:
+                    grid = torch.stack(list(shown.values()))
+                else:  # this rank drew no grid image; it still joins the gather
+                    grid = torch.zeros((0, 3, side, side), dtype=torch.uint8)
+                return {
+                    "numbers": (numbers, [im.index for im in share]),
+                    "grid": (grid, list(shown)),
+                }
+
+            out = shard_and_gather(images, work, rank, world, gather, pipe.device)
         finally:
             self._models_to("cpu")  # give the accelerator back to training
-        rows = []
+        scores, cosines = out["numbers"].unbind(1)
+        return SweepResult(
+            rows=[self._row(s, images, scores, cosines) for s in self.scales],
+            reference=reference_row(reference),
+            grids=self._grids(images, out["grid"], cats),
+            models=dict(self.models),
+            categories=cats,
+            images=len(images),
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _generate_and_score(
+        self,
+        pipe: StableDiffusionPipeline,
+        share: list[SweepImage],
+        gt_feats: dict[str, torch.Tensor],
+        context: Callable[[], contextlib.AbstractContextManager],
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Generate `share`, one scale at a time, and score each image: its (CLIP score, image
+        cosine to the real drawings of its category) as (k, 2); and by `index`, the pixels
+        (3, H, W) of the images a grid shows (only those: 440 images at 512 px are 350 MB)."""
+        numbers = torch.zeros(len(share), 2)
+        shown: dict[int, torch.Tensor] = {}
         for s in self.scales:
-            row = {"scale": s}
-            for g, suffix in GROUPS.items():
-                sel = [i for i, it in enumerate(items) if it[0] == s and it[1] == g]
-                if not sel:
-                    continue
-                row[f"clip_score{suffix}"] = clip_score(scores[sel])
-                row[f"clip_score{suffix}_std"] = _mean_std(scores[sel])[1]
-                row[f"clip_img_cos{suffix}"], row[f"clip_img_cos{suffix}_std"] = _mean_std(
-                    cosines[sel]
-                )
-                row[f"n_images{suffix}"] = len(sel)
-            rows.append(row)
-        ref = {}
-        for g, r in reference.items():
-            ref[f"clip_score_reference{GROUPS[g]}"] = clip_score(r)
-            ref[f"clip_score_reference{GROUPS[g]}_std"] = _mean_std(r)[1]
+            pos = [k for k, im in enumerate(share) if im.scale == s]
+            if not pos:
+                continue
+            prompts = [self.prompt(share[k].category) for k in pos]
+            images = self.generate(pipe, prompts, [share[k].seed for k in pos], s, context)
+            numbers[pos, 0] = self.scorer.scores(images, prompts)
+            feats = self.encoder.encode(images)  # (n, D)
+            for j, k in enumerate(pos):
+                numbers[k, 1] = image_cosine(feats[j : j + 1], gt_feats[share[k].category])[0]
+                if share[k].in_grid:
+                    shown[share[k].index] = images[j]
+        return numbers, shown
+
+    def _row(self, scale: float, images: list[SweepImage], scores, cosines) -> dict[str, float]:
+        """One scale's line of the table: mean and spread of each number, per group."""
+        row = {"scale": scale}
+        for g, suffix in GROUPS.items():
+            sel = [im.index for im in images if im.scale == scale and im.group == g]
+            if not sel:
+                continue
+            row[f"clip_score{suffix}"] = clip_score(scores[sel])
+            row[f"clip_score{suffix}_std"] = _mean_std(scores[sel])[1]
+            row[f"clip_img_cos{suffix}"], row[f"clip_img_cos{suffix}_std"] = _mean_std(cosines[sel])
+            row[f"n_images{suffix}"] = len(sel)
+        return row
+
+    def _grids(
+        self, images: list[SweepImage], pixels: torch.Tensor, cats: dict[str, list[str]]
+    ) -> dict[str, Image.Image]:
+        """Per group: its first `grid_rows` categories (rows) x the scales (columns)."""
+        at = {(im.scale, im.group, im.category): im.index for im in images if im.in_grid}
         grids = {}
         for g in cats:
             shown = cats[g][: self.grid_rows]
-            cells = [grid[in_grid[s, g, names.index(c)]] for c in shown for s in self.scales]
+            cells = [pixels[at[s, g, c]] for c in shown for s in self.scales]
             grids[g] = labelled_grid(
                 to_pil(torch.stack(cells)),
                 shown,
                 [scale_key(s) for s in self.scales],
                 title=f"{g} categories, seed {self.seeds[0]}; columns: LoRA scale",
             )
-        return SweepResult(
-            rows=rows,
-            reference=ref,
-            grids=grids,
-            models=dict(self.models),
-            categories=cats,
-            images=len(items),
-            seconds=time.perf_counter() - t0,
-        )
-
-    def _score_items(self, pipe, items, mine, names, gt_feats, keep, context):
-        """Generate and score this rank's items, one scale at a time; return their CLIP
-        scores and image cosines (in `mine` order) and the images of the items in `keep`."""
-        scores = torch.zeros(len(mine))
-        cosines = torch.zeros(len(mine))
-        kept: dict[int, torch.Tensor] = {}
-        for s in self.scales:
-            pos = [k for k, i in enumerate(mine) if items[i][0] == s]
-            if not pos:
-                continue
-            prompts = [self.prompt(names[items[mine[k]][2]]) for k in pos]
-            seeds = [items[mine[k]][3] for k in pos]
-            images = self.generate(pipe, prompts, seeds, s, context)
-            scores[pos] = self.scorer.scores(images, prompts)
-            feats = self.encoder.encode(images)  # (n, D)
-            cat_idx = torch.tensor([items[mine[k]][2] for k in pos])
-            for c in cat_idx.unique().tolist():
-                sel = (cat_idx == c).nonzero().flatten()
-                cosines[[pos[j] for j in sel]] = image_cosine(feats[sel], gt_feats[c])
-            for k, im in zip(pos, images, strict=True):
-                if mine[k] in keep:
-                    kept[mine[k]] = im
-        return scores, cosines, kept
+        return grids
 
     # -- Lightning hooks -------------------------------------------------------------
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            if self.use_ema and find_ema(trainer) is None:
-                raise ValueError(
-                    f"eval.use_ema={self.use_ema} needs an EMA: set callbacks.ema.decay=0.999"
-                )
+        if stage != "fit":
+            return
+        if self.use_ema and find_ema(trainer) is None:
+            raise ValueError(
+                f"eval.use_ema={self.use_ema} needs an EMA: set callbacks.ema.decay=0.999"
+            )
+        if self.will_run(trainer.datamodule):
             self.load_models()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -368,7 +424,7 @@ class ScaleSweepEvaluator(L.Callback):
         step = trainer.global_step
         if (step, prefix) in self.results:
             return self.results[step, prefix]
-        if not hasattr(trainer.datamodule, "reference_dataset"):
+        if not self.will_run(trainer.datamodule):
             log.warning("scale sweep skipped: the data module has no categories to prompt")
             return None
         pipe = module.inference_pipeline()
