@@ -65,6 +65,10 @@ OPTIONS = {
     "unfused": ["optim.fused=false"],
     "cast": ["perf.adapter_input_cast=true"],  # peft's bf16 -> fp32 -> bf16 input round trip
     "constlr": ["lr_scheduler=constant"],  # runs of different lengths share the LR curve
+    # the training controls' cost (issue 17): each on top of the default GPU path
+    "minsnr": ["loss.snr_gamma=5"],
+    "ema": ["callbacks.ema.decay=0.999"],
+    "val100": ["val.every_n_steps=100"],  # 200 held-out drawings x 5 timesteps per validation
 }
 
 
