@@ -230,3 +230,16 @@ def test_fast_path_restores_the_process_wide_switches_at_teardown(make_cfg, capl
         torch._C._get_sdp_priority_order(),
     )
     assert after == before
+
+
+def test_sampling_during_fit_puts_each_submodule_back_in_its_own_mode():
+    """module.train() after a preview or validation would flip the frozen (eval-mode) UNet to
+    training mode: a new graph for the compiled UNet's guards, a recompile every time."""
+    from sdft.module import eval_modes
+
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    m.train()
+    m[0].eval()  # the frozen UNet, in eval mode since it was loaded
+    with eval_modes(m):
+        assert not any(x.training for x in m.modules())
+    assert [x.training for x in m.modules()] == [True, False, True]

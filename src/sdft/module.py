@@ -38,6 +38,21 @@ def recount_progress(trainer: L.Trainer, sampler: ResumableSampler) -> None:
         setattr(progress, counter, getattr(progress, counter) + shift)
 
 
+@contextlib.contextmanager
+def eval_modes(module: torch.nn.Module) -> Iterator[None]:
+    """`module.eval()` inside; after, every submodule back in the mode it was in. Not
+    `module.train()`: that would also put the frozen UNet (in eval mode since it was loaded)
+    in training mode, which a compiled UNet's guards take for a new graph: a recompile of
+    tens of seconds after every preview, validation or scale sweep."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint made with another method or base model than the current config."""
 

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
 from sdft.eval.grids import image_grid
+from sdft.module import eval_modes
 
 
 class PreviewGrid(L.Callback):
@@ -38,9 +39,7 @@ class PreviewGrid(L.Callback):
         pipe = module.inference_pipeline()
         pipe.set_progress_bar_config(disable=True)
         images = []
-        was_training = module.training
-        module.eval()
-        with module.inference_context():
+        with eval_modes(module), module.inference_context():
             for prompt in self.prompts:
                 gens = [torch.Generator(module.device).manual_seed(s) for s in self.seeds]
                 images += pipe(
@@ -52,7 +51,6 @@ class PreviewGrid(L.Callback):
                     height=self.resolution,
                     width=self.resolution,
                 ).images
-        module.train(was_training)
         return image_grid(images, rows=len(self.prompts))
 
     def save(self, trainer: L.Trainer, module: L.LightningModule) -> None:

@@ -31,6 +31,7 @@ from sdft.eval.results import (
     scale_key,
     write_results,
 )
+from sdft.module import eval_modes
 
 log = logging.getLogger(__name__)
 DEFAULT_SCALES = tuple(i / 10 for i in range(11))  # 0.0, 0.1, ..., 1.0
@@ -429,9 +430,7 @@ class ScaleSweepEvaluator(L.Callback):
             return None
         pipe = module.inference_pipeline()
         pipe.set_progress_bar_config(disable=True)
-        was_training = module.training
-        module.eval()
-        try:
+        with eval_modes(module):
             result = self.evaluate(
                 pipe,
                 trainer.datamodule,
@@ -440,8 +439,6 @@ class ScaleSweepEvaluator(L.Callback):
                 gather=trainer.strategy.all_gather,
                 context=module.inference_context,
             )
-        finally:
-            module.train(was_training)
         self.results[step, prefix] = result
         metrics = {prefix + k.removeprefix("eval"): v for k, v in result.metrics().items()}
         # self.log() is not allowed in on_train_end; the trainer's dict is what

@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from sdft.module import eval_modes
+
 log = logging.getLogger(__name__)
 
 
@@ -131,10 +133,8 @@ class ValidationLoss(L.Callback):
         """{metric name: loss} of the current weights; the same weights give the same dict."""
         if not self.sets:
             self.prepare(trainer, module)
-        was_training = module.training
-        module.eval()
         metrics = {}
-        with module.inference_context():
+        with eval_modes(module), module.inference_context():
             for split, chunks in self.sets.items():
                 per_t = {t: [] for t in self.timesteps}  # per-sample losses
                 for latents, noise, captions in chunks:
@@ -145,5 +145,4 @@ class ValidationLoss(L.Callback):
                     metrics[metric_name(split, t)] = torch.cat(losses).mean().item()
                 total = sum(metrics[metric_name(split, t)] for t in self.timesteps)
                 metrics[metric_name(split)] = total / len(self.timesteps)
-        module.train(was_training)
         return metrics
