@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from PIL import Image
 
+from sdft.ui import base_overrides
 from sdft.ui.form import UI_OVERRIDES, TrainForm, to_overrides
 from sdft.ui.jobs import STEP_LINE
 
@@ -48,8 +50,9 @@ def free_port() -> int:
 def cli_run(args, form: TrainForm, out: Path) -> dict:
     """train.py with the form's overrides but without the UI's own (progress lines, csv)."""
     overrides = [o for o in to_overrides(form) if o not in UI_OVERRIDES]
-    cmd = [sys.executable, str(ROOT / "train.py"), f"model={args.model}", *overrides,
-           *args.extra, f"hydra.run.dir={out}"]  # fmt: skip
+    page = OmegaConf.create({"device": "auto", "train_overrides": args.extra})
+    cmd = [sys.executable, str(ROOT / "train.py"), *base_overrides(page, args.model, []),
+           *overrides, f"hydra.run.dir={out}"]  # fmt: skip  # what the page runs, less its own
     subprocess.run(cmd, cwd=ROOT, check=True)
     perf = json.loads((out / "perf.json").read_text())
     return {"samples_per_s": perf["samples_per_s"], "steps": perf["steps_done"]}

@@ -211,7 +211,7 @@ def test_bad_uploads_are_refused_by_name_and_nothing_is_stored(tmp_path):
 
 
 # -- the page's settings --------------------------------------------------------------
-def test_non_local_host_or_share_warns(capsys):
+def test_non_local_host_or_share_warns(capsys, monkeypatch):
     from omegaconf import OmegaConf
 
     local = OmegaConf.create({"host": "127.0.0.1", "port": 7860, "share": False, "auth": None})
@@ -226,6 +226,9 @@ def test_non_local_host_or_share_warns(capsys):
         "eval=tiny",
         "logger=csv",
     ]
+    gpu = OmegaConf.create({"device": "auto", "train_overrides": []})
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert base_overrides(gpu, "sd15", []) == ["model=sd15", "trainer=gpu"]  # bf16-mixed
 
 
 # -- jobs -----------------------------------------------------------------------------

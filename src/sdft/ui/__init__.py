@@ -23,8 +23,8 @@ def base_overrides(cfg: DictConfig, model_choice: str, model_overrides: list[str
     """What every training started from this page gets before the form's overrides: the
     page's model, the CPU when there is no GPU, the tiny CLIP models for the tiny model."""
     out = [f"model={model_choice}", *model_overrides]
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        out.append("trainer=cpu")
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    out.append("trainer=cpu" if on_cpu else "trainer=gpu")  # gpu: bf16-mixed, as the recipes
     if model_choice == "tiny":
         out.append("eval=tiny")  # the paper's CLIP models are a download; tiny ones are built
     return out + list(cfg.train_overrides)
