@@ -1,14 +1,21 @@
+import csv
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from PIL import Image
 
 import sdft  # noqa: F401  (registers the config resolvers)
+from sdft.data.caption_folder import CaptionFolderDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "quickdraw"
@@ -77,3 +84,85 @@ def unet_out(unet, seed: int = 0) -> torch.Tensor:
     text = torch.randn(2, 77, 32, generator=g)  # (B, 77, D)
     with torch.no_grad():
         return unet(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+
+
+# -- helpers shared by several test files (tests never import each other) ------------
+SHORT = ["trainer.max_steps=2", "callbacks.preview=null"]  # each trial: 2 steps, no preview
+
+
+LOSS = ["optimized_metric=train/loss", "optimized_direction=minimize"]
+
+
+def sweep(*overrides: str, sweep_dir) -> list[dict]:
+    """Run `python train.py -m ...` and return its summary.csv rows."""
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        *FAST,
+        *SHORT,
+        *LOSS,
+        *overrides,
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return list(csv.DictReader(open(sweep_dir / "summary.csv")))
+
+
+def save_image(path: Path, width: int, height: int, value: int = 128) -> Path:
+    """An RGB image: left half black, right half `value` (so crops and flips show)."""
+    a = np.full((height, width, 3), value, np.uint8)
+    a[:, : width // 2] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def caption_folder(root: Path, n: int = 4, size=(64, 64)) -> Path:
+    """n images with metadata.jsonl, one more image in sub/ with its own metadata.jsonl."""
+    for i in range(n):
+        save_image(root / f"img{i}.png", *size, value=40 * i)
+    write_jsonl(root / "metadata.jsonl", [{"file_name": f"img{i}.png", "text": f"photo {i}"}
+                                          for i in range(n)])  # fmt: skip
+    save_image(root / "sub" / "x.png", *size)
+    write_jsonl(root / "sub" / "metadata.jsonl", [{"file_name": "x.png", "text": "sub photo"}])
+    return root
+
+
+def dm_for(path, **kw) -> CaptionFolderDataModule:
+    dm = CaptionFolderDataModule(str(path), **{"resolution": 64, "batch_size": 2, **kw})
+    dm.setup()
+    return dm
+
+
+def bucket_folder(root: Path) -> Path:
+    sizes = [(128, 128), (256, 128), (128, 256), (192, 128), (128, 128), (400, 200), (70, 300)]
+    for i, (w, h) in enumerate(sizes):
+        save_image(root / f"{i}.png", w, h)
+    return root
+
+
+def generate_cfg(tmp_path, run, *overrides):
+    return compose_cfg(
+        [
+            "model=tiny",
+            "prompts=['a scribble of apple','a scribble of a cat']",
+            "negative_prompt=''",
+            "steps=2",
+            "seeds=[0,1]",
+            "batch_size=2",
+            "resolution=32",
+            "device=cpu",
+            f"lora_dir={tmp_path / 'Lora'}",
+            f"out_dir={tmp_path / run}",
+            *overrides,
+        ],
+        tmp_path / run,
+        config_name="generate",
+    )

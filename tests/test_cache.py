@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import FAST, SAMPLE
+from conftest import FAST, SAMPLE, bucket_folder, caption_folder
 from safetensors.torch import load_file
-from test_data_captions import bucket_folder, caption_folder
 from torch.utils.data import default_collate
 
 from sdft.adapters import LoRAMethod

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from test_data_captions import save_image
+from conftest import save_image
 
 from sdft.adapters import LoRAMethod
 from sdft.data.caption_folder import CaptionFolderDataModule, TagOptions

@@ -7,45 +7,14 @@ import logging
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import bucket_folder, caption_folder, dm_for, save_image, write_jsonl
 
 from sdft.data import sampler as sampler_module
 from sdft.data.caption_folder import CaptionFolderDataModule
 from sdft.data.checks import BadSampleError
 from sdft.data.sampler import BucketBatchSampler, SeededEpochSampler
-
-
-def save_image(path: Path, width: int, height: int, value: int = 128) -> Path:
-    """An RGB image: left half black, right half `value` (so crops and flips show)."""
-    a = np.full((height, width, 3), value, np.uint8)
-    a[:, : width // 2] = 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(a).save(path)
-    return path
-
-
-def write_jsonl(path: Path, rows: list) -> None:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-
-
-def caption_folder(root: Path, n: int = 4, size=(64, 64)) -> Path:
-    """n images with metadata.jsonl, one more image in sub/ with its own metadata.jsonl."""
-    for i in range(n):
-        save_image(root / f"img{i}.png", *size, value=40 * i)
-    write_jsonl(root / "metadata.jsonl", [{"file_name": f"img{i}.png", "text": f"photo {i}"}
-                                          for i in range(n)])  # fmt: skip
-    save_image(root / "sub" / "x.png", *size)
-    write_jsonl(root / "sub" / "metadata.jsonl", [{"file_name": "x.png", "text": "sub photo"}])
-    return root
-
-
-def dm_for(path, **kw) -> CaptionFolderDataModule:
-    dm = CaptionFolderDataModule(str(path), **{"resolution": 64, "batch_size": 2, **kw})
-    dm.setup()
-    return dm
 
 
 def rows_of(dm) -> list[tuple[str, str]]:
@@ -122,13 +91,6 @@ def test_resize_center_crop_flip_and_range(tmp_path):
     dark = [int((c[0, 0] < 0).sum()) for c in crops]  # black columns: where the crop sat
     assert len(set(dark)) > 2 and min(dark) >= 0 and max(dark) <= 64
     assert torch.equal(crops[3], rand[(0, False, 3)]["pixel_values"])  # drawn from the key
-
-
-def bucket_folder(root: Path) -> Path:
-    sizes = [(128, 128), (256, 128), (128, 256), (192, 128), (128, 128), (400, 200), (70, 300)]
-    for i, (w, h) in enumerate(sizes):
-        save_image(root / f"{i}.png", w, h)
-    return root
 
 
 def test_bucketing_batches_of_one_size_multiples_of_64(tmp_path):

@@ -4,7 +4,7 @@ convention load for generation and merging; files that do not fit are refused by
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, unet_out
+from conftest import generate_cfg, unet_out
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
@@ -162,26 +162,6 @@ def test_handmade_lycoris_tucker_files_load_as_peft_layers_and_merge_alike(tmp_p
     w0 = build_random_pipeline("tiny").unet.get_submodule(ATTN2_K).weight
     dw = torch.kron(only_full[f"{attn}.lokr_w1"], only_full[f"{attn}.lokr_w2"])
     torch.testing.assert_close(merged.unet.get_submodule(ATTN2_K).weight, w0 + dw)
-
-
-def generate_cfg(tmp_path, run, *overrides):
-    return compose_cfg(
-        [
-            "model=tiny",
-            "prompts=['a scribble of apple','a scribble of a cat']",
-            "negative_prompt=''",
-            "steps=2",
-            "seeds=[0,1]",
-            "batch_size=2",
-            "resolution=32",
-            "device=cpu",
-            f"lora_dir={tmp_path / 'Lora'}",
-            f"out_dir={tmp_path / run}",
-            *overrides,
-        ],
-        tmp_path / run,
-        config_name="generate",
-    )
 
 
 def pixels(result):

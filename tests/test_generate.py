@@ -4,8 +4,7 @@ samplers, seeds and the grid, through the library and the generate.yaml config."
 import numpy as np
 import pytest
 import torch
-from conftest import unet_out
-from test_export import generate_cfg
+from conftest import generate_cfg, unet_out
 
 from sdft.adapters import LoConMethod, LoHaMethod, LoRAMethod, TextualInversionMethod
 from sdft.adapters.load import merge_adapter

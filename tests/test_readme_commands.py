@@ -20,6 +20,11 @@ How a README line becomes its tiny form (all of it is here, in `tiny_form`):
   plugin, jobs as local processes); DreamBooth keeps `eval=paper` as written (its sweep is
   skipped before any CLIP model loads, so nothing comes from the hub), with 4 class images
   cached in the clone; the Optuna search runs 2 of its 24 trials.
+- A hub model (`model=sd15`, `model=sd21` without `model.pretrained=`) -> `model=tiny`
+  (`sd21`: with v-prediction, SD2.1-768's own); `/path/to/images` -> ten drawings with
+  `metadata.jsonl` captions.
+- `make ui` / `python ui.py ...` -> the page started on a free port (the README's `port=` too)
+  with a workspace in the clone, until it serves its page; then stopped.
 - `make train` -> the Makefile's TINY line + 2 steps and the small sweep; `make paper` (and its
   `ARGS="model=sd15"` form, which needs the SD1.5 weights) -> paper.py at 2 steps into the
   clone; `make test` is this suite and is not run from inside it.
@@ -30,8 +35,11 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,6 +76,11 @@ PLACEHOLDERS = {
     "/path/to/sd15-diffusers-folder": "sd15-folder",
     "/path/to/quickdraw": str(SAMPLE),
     SUBJECT: "subject",
+    "/path/to/images": "images",
+}
+HUB_MODELS = {
+    "model=sd15": ["model=tiny"],
+    "model=sd21": ["model=tiny", "model.prediction_type=v_prediction"],
 }
 SKIPPED = {
     "make test": "it is this test suite",
@@ -105,6 +118,13 @@ def tiny_form(command: str, clone: Path) -> list[str] | None:
         small = ["trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=1"]
         small += ["callbacks.preview.every_n_steps=1", *TRAIN[3:], *TINY_EVAL[1:]]
         return [sys.executable, "train.py", *add(small, makefile_tiny())]
+    if command == "make ui" or "ui.py" in command:
+        args = ["model=tiny"] if command == "make ui" else shlex.split(command)[2:]
+        args = [a.replace("/path/to/sd15-diffusers-folder", "sd15-folder") for a in args]
+        if "model.pretrained" not in keys(args):
+            args = [m for a in args for m in HUB_MODELS.get(a, [a])]
+        args = [a for a in args if not a.startswith("port=")]
+        return [sys.executable, "ui.py", *args, f"port={free_port()}", f"workspace={clone / 'ui'}"]
     if command.startswith("make paper"):
         small = ["trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=1"]
         dirs = [f"results_dir={clone / 'paper_results'}", f"work_dir={clone / 'paper_work'}"]
@@ -118,6 +138,8 @@ def tiny_form(command: str, clone: Path) -> list[str] | None:
     if argv[0] == "srun":
         argv = argv[1:]
     script, args = argv[1], argv[2:]
+    if "model.pretrained" not in keys(args):
+        args = [m for a in args for m in HUB_MODELS.get(a, [a])]
     if script == "generate.py":
         return [sys.executable, script, *add(args, GENERATE)]
     if script == "evaluate.py":
@@ -130,13 +152,40 @@ def tiny_form(command: str, clone: Path) -> list[str] | None:
         args = [a.replace("launcher=slurm", "launcher=submitit_local") for a in args]
     if "hparams_search=scribble_optuna" in args:
         tiny.append("hydra.sweeper.n_trials=2")
-    if "resume=true" in args or "ckpt_path" in keys(args):
+    if "ckpt_path" in keys(args):
         tiny = add(["trainer.max_steps=3"], tiny)  # one step more than the run it continues
     if "data=dreambooth" in args:  # eval=paper stays: the skipped sweep must load nothing
         tiny += ["data.num_class_images=4", f"data.cache_dir={clone / 'cache'}"]
-    else:
+    elif "data=caption_jsonl" not in args:  # a caption folder has no categories to sweep
         tiny += TINY_EVAL
     return [sys.executable, script, *add(args, tiny)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serves_its_page(argv: list[str], clone: Path) -> None:
+    """Start the UI, wait for its page (the tiny model loads first), stop it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    port = next(a.split("=")[1] for a in argv if a.startswith("port="))
+    ui = subprocess.Popen(argv, cwd=clone, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        for _ in range(240):
+            assert ui.poll() is None, f"{shlex.join(argv)} exited:\n{ui.stdout.read()[-4000:]}"
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+                assert b"gradio" in page.lower()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"{shlex.join(argv)}: no page on port {port} after 120 s")
+    finally:
+        ui.terminate()
+        ui.wait(60)
 
 
 def run(argv: list[str], clone: Path) -> subprocess.CompletedProcess:
@@ -160,11 +209,20 @@ def first_run(clone: Path) -> Path:
 def clone(tmp_path_factory) -> Path:
     """A folder laid out like a fresh clone, with what the placeholders stand for."""
     root = tmp_path_factory.mktemp("clone")
-    for name in ("train.py", "evaluate.py", "generate.py", "conf", "data"):
+    for name in ("train.py", "evaluate.py", "generate.py", "ui.py", "conf", "data"):
         (root / name).symlink_to(ROOT / name)
     from sdft.models import build_random_pipeline
 
     build_random_pipeline("tiny").save_pretrained(root / "sd15-folder")
+    bitmaps = __import__("numpy").load(SAMPLE / "bitmap" / "apple.npy")[:10]
+    (root / "images").mkdir()
+    for i, b in enumerate(bitmaps):  # data=caption_jsonl data.path=/path/to/images
+        Image.fromarray(255 - b.reshape(28, 28)).convert("RGB").save(root / "images" / f"{i}.png")
+    (root / "images" / "metadata.jsonl").write_text(
+        "".join(
+            f'{{"file_name": "{i}.png", "text": "a scribble of an apple"}}\n' for i in range(10)
+        )
+    )
     (root / "subject").mkdir()
     bitmaps = torch.from_numpy(__import__("numpy").load(SAMPLE / "bitmap" / "apple.npy")[:4])
     for i, b in enumerate(bitmaps):
@@ -212,8 +270,9 @@ def test_every_readme_command_has_a_tiny_form(tmp_path):
         if c in SKIPPED:
             continue
         head = shlex.split(c)
+        scripts = ("train.py", "evaluate.py", "generate.py", "ui.py")
         known = head[0] in ("python", "srun", "make") and (
-            head[0] == "make" or any(s in c for s in ("train.py", "evaluate.py", "generate.py"))
+            head[0] == "make" or any(s in c for s in scripts)
         )
         assert known, f"README command {c!r}: add its tiny form to tests/test_readme_commands.py"
         for word in re.findall(r"/path/to/[\w.-]+", c):
@@ -228,10 +287,19 @@ def test_readme_command_runs_as_typed(clone, command):
         pytest.skip(f"{command}: {SKIPPED[command]}")
     if command.startswith("srun "):
         return check_srun_reads_slurm_variables(command, clone)
+    if "ui.py" in argv[1]:
+        return serves_its_page(argv, clone)
     outputs = clone / "outputs"
     before = set(outputs.glob("*/*")) | set(outputs.glob("*"))
     proc = run(argv, clone)
 
+    if command == "make ui" or "ui.py" in command:
+        args = ["model=tiny"] if command == "make ui" else shlex.split(command)[2:]
+        args = [a.replace("/path/to/sd15-diffusers-folder", "sd15-folder") for a in args]
+        if "model.pretrained" not in keys(args):
+            args = [m for a in args for m in HUB_MODELS.get(a, [a])]
+        args = [a for a in args if not a.startswith("port=")]
+        return [sys.executable, "ui.py", *args, f"port={free_port()}", f"workspace={clone / 'ui'}"]
     if command.startswith("make paper"):
         assert (clone / "paper_results" / "README.md").stat().st_size > 500
         rows = list(csv.DictReader(open(clone / "paper_results" / "fig11_image_cosine.csv")))
@@ -257,10 +325,13 @@ def test_readme_command_runs_as_typed(clone, command):
         check_config_has(config, command)
         adapter = "learned_embeds" if "textual_inversion" in command else "pytorch_lora_weights"
         assert (folder / f"{adapter}.safetensors").stat().st_size > 100
-        steps = [int(r["step"]) for r in csv.DictReader(open(folder / "csv" / "metrics.csv"))
-                 if r.get("train/loss")]  # fmt: skip
-        if "resume=true" in command or "ckpt_path=" in command:
+        metrics = folder / "csv" / "metrics.csv"
+        rows = list(csv.DictReader(open(metrics))) if metrics.is_file() else []
+        steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+        if "ckpt_path=" in command:
             assert sorted(set(steps)) == [2]  # it continued a 2-step run: only step 3 is new
+        elif "resume=true" in command:  # the newest run with these settings had finished
+            assert steps == [] and "continuing from" in proc.stdout + proc.stderr
         else:
             assert sorted(set(steps)) == [0, 1]
         if "eval=tiny" in shlex.join(argv):  # the end-of-fit sweep ran, offline

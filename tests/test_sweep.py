@@ -2,13 +2,10 @@
 a failed trial is recorded and the sweep goes on; one summary per sweep, best trial first."""
 
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
-from conftest import FAST, ROOT
+from conftest import LOSS, ROOT, sweep
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,27 +15,6 @@ from lightning import Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
 from sdft.sweep import check_trainer_fits_sweep, run_trial
-
-LOSS = ["optimized_metric=train/loss", "optimized_direction=minimize"]
-SHORT = ["trainer.max_steps=2", "callbacks.preview=null"]  # each trial: 2 steps, no preview
-
-
-def sweep(*overrides: str, sweep_dir) -> list[dict]:
-    """Run `python train.py -m ...` and return its summary.csv rows."""
-    cmd = [
-        sys.executable,
-        "train.py",
-        "-m",
-        *FAST,
-        *SHORT,
-        *LOSS,
-        *overrides,
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return list(csv.DictReader(open(sweep_dir / "summary.csv")))
 
 
 def final_logged_loss(trial_dir) -> float:

@@ -5,14 +5,13 @@ import csv
 
 import lightning as L
 import pytest
-import torch
 import yaml
-from conftest import FAST
-from test_data_captions import caption_folder, dm_for
-from test_sweep import sweep
+from conftest import FAST, caption_folder, dm_for, sweep
 
+from sdft.checkpoints import load_checkpoint
 from sdft.eval.validation import ValidationLoss
 from sdft.module import AdapterFineTuner
+from sdft.optim import split_optim_config
 from sdft.train import build, run
 
 TIMESTEPS = [100, 300, 500, 700, 900]
@@ -47,7 +46,8 @@ def test_val_loss_is_logged_every_n_steps_and_at_the_end_per_timestep_and_split(
 def test_same_weights_give_the_same_val_loss_twice_and_from_a_fresh_callback(make_cfg):
     cfg = make_cfg("trainer.max_steps=2", "optim.lr=1e-2")
     datamodule = build(cfg.data)
-    module = AdapterFineTuner(build(cfg.model), build(cfg.method), build(cfg.optim),
+    optimizer = build(split_optim_config(cfg.optim)[0])  # loraplus_ratio is the module's
+    module = AdapterFineTuner(build(cfg.model), build(cfg.method), optimizer,
                               build(cfg.lr_scheduler), loss=build(cfg.loss))  # fmt: skip
     val = build(cfg.val)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, callbacks=[val], logger=False,
@@ -80,8 +80,8 @@ def test_checkpoint_monitor_on_val_loss_keeps_the_best_adapter(make_cfg):
     best_step = min(losses, key=losses.get)
     kept = sorted(p.name for p in (out / "checkpoints").glob("step_*.ckpt"))
     assert kept == [f"step_{best_step:06d}.ckpt"], (losses, kept)
-    ckpt = torch.load(out / "checkpoints" / kept[0], weights_only=False)
-    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    ckpt = load_checkpoint(out / "checkpoints" / kept[0])
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("StepCheckpoint")]
     assert state["best_model_score"].item() == pytest.approx(losses[best_step])  # this step's
 
 
