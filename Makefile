@@ -2,8 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# the sweep at 5 prompts x 1 seed (110 images, not 440) and no loader workers (2 cores): see README
 TINY := +experiment=scribble model=tiny eval=tiny trainer=cpu data.resolution=64 trainer.max_steps=100 \
-        callbacks.checkpoint.every_n_train_steps=50 callbacks.preview.every_n_steps=50
+        callbacks.checkpoint.every_n_train_steps=50 callbacks.preview.every_n_steps=50 \
+        data.num_workers=0 eval.num_prompts=5 eval.seeds=[0]
 
 BENCH_OUT ?= outputs/bench
 PEER := .peer/diffusers_train_text_to_image_lora.py
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## make .venv and install sdft with its dependencies (torch from this disk)
 
-train: setup ## train the scribble LoRA on the tiny offline model, real QuickDraw data, evaluates it (CPU, ~3 min)
+train: setup ## train the scribble LoRA on the tiny offline model, real QuickDraw data, evaluates it (CPU, 2.5 min)
 	$(PY) train.py $(TINY) $(ARGS)
 
 paper: setup ## the paper's figures 5-11 into experiments/scribble_paper/results/ (tiny model, CPU, ~4 min; ARGS="model=sd15" on a GPU)
