@@ -289,7 +289,7 @@ def wait_for_step(log: Path, step: int, process: subprocess.Popen, timeout: floa
         found = STEP_LINE.findall(log.read_text() if log.exists() else "")
         if found and int(found[-1][0]) >= step:
             return
-        time.sleep(0.5)
+        time.sleep(0.1)
     pytest.fail(f"no step {step} within {timeout} s")
 
 
@@ -339,8 +339,12 @@ def test_ui_cancel_then_resume_continues_to_the_planned_steps(tmp_path):
     inst = tmp_path / "inst"
     drawings(inst)
     runner = JobRunner(tmp_path / "runs", grace_s=30)
-    overrides = [o for o in TINY_RUN if not o.startswith("trainer.max_steps")]
-    job = runner.start("ui", [*overrides, f"data.instance_dir={inst}", "trainer.max_steps=8"], 8)
+    planned = ("trainer.max_steps", "callbacks.preview.every_n_steps")
+    overrides = [o for o in TINY_RUN if not o.startswith(planned)]
+    # a preview at every step keeps the 8 steps slower than the page's cancel: on an idle
+    # machine the tiny model trains 8 steps in a fraction of a second
+    overrides += [f"data.instance_dir={inst}", "trainer.max_steps=8"]
+    job = runner.start("ui", [*overrides, "callbacks.preview.every_n_steps=1"], 8)
     wait_for_step(job.run_dir / "console.log", 2, job.process)
     message = runner.cancel()  # SIGTERM: Lightning stops at the end of the step
     step = read_status(job.run_dir)["step"]
