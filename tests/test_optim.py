@@ -16,13 +16,14 @@ from sdft.optim import eval_mode, make_optimizer, split_optim_config
 from sdft.train import run
 
 PRESETS = [
-    "adamw", "adamw8bit", "prodigy", "adamw_schedulefree", "lion", "adafactor", "adamw8bit_bnb"
+    "adamw", "adamw8bit", "prodigy", "adamw_schedulefree", "prodigy_schedulefree", "lion",
+    "adafactor", "adamw8bit_bnb",
 ]  # fmt: skip
 # the presets' lr are for real runs; a few steps on one batch need a larger one
-TEST_LR = {"prodigy": 1.0}
+TEST_LR = {"prodigy": 1.0, "prodigy_schedulefree": 1.0}
 # Prodigy's step-size estimate starts at d0=1e-6 and needs hundreds of steps to grow: start
 # it where it would be after a short warm-up
-TEST_ARGS = {"prodigy": {"d0": 1e-2}}
+TEST_ARGS = {"prodigy": {"d0": 1e-2}, "prodigy_schedulefree": {"d0": 1e-2}}
 
 
 def tiny_module(cfg, method_overrides: dict | None = None) -> AdapterFineTuner:
@@ -87,11 +88,24 @@ def test_loraplus_puts_the_b_matrices_at_ratio_times_lr(make_cfg):
     assert sum(len(g["params"]) for g in optimizer.param_groups) == trainable
 
 
-def test_schedule_free_eval_mode_shows_the_average_and_restores_the_training_point():
+def adamw_schedulefree(params):
     import schedulefree
 
+    return schedulefree.AdamWScheduleFree(params, lr=0.1)
+
+
+def prodigy_schedulefree(params):
+    import prodigyplus
+
+    return prodigyplus.ProdigyPlusScheduleFree(params, lr=1.0, d0=0.1)  # d0: visible steps
+
+
+@pytest.mark.parametrize("make_schedule_free", [adamw_schedulefree, prodigy_schedulefree])
+def test_schedule_free_eval_mode_shows_the_average_and_restores_the_training_point(
+    make_schedule_free,
+):
     p = torch.nn.Parameter(torch.ones(3))
-    opt = schedulefree.AdamWScheduleFree([p], lr=0.1)
+    opt = make_schedule_free([p])
     opt.train()
     for _ in range(5):
         (p * torch.tensor([1.0, -2.0, 3.0])).sum().backward()
@@ -106,7 +120,10 @@ def test_schedule_free_eval_mode_shows_the_average_and_restores_the_training_poi
     torch.testing.assert_close(p.detach(), y)  # ... which comes back after
 
 
-def test_schedule_free_run_samples_in_eval_mode_and_trains_in_train_mode(make_cfg, monkeypatch):
+@pytest.mark.parametrize("preset", ["adamw_schedulefree", "prodigy_schedulefree"])
+def test_schedule_free_run_samples_in_eval_mode_and_trains_in_train_mode(
+    make_cfg, monkeypatch, preset
+):
     modules, seen = [], []
     setup, sample = AdapterFineTuner.setup, StableDiffusionPipeline.__call__
 
@@ -127,7 +144,7 @@ def test_schedule_free_run_samples_in_eval_mode_and_trains_in_train_mode(make_cf
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
     monkeypatch.setattr(LoRAMethod, "save", spy_save)
     # 4 steps: a preview (2 prompts) after step 2, training goes on after it, one at the end
-    result = run(make_cfg("optim=adamw_schedulefree", "callbacks.preview.every_n_steps=2"))
+    result = run(make_cfg(f"optim={preset}", "callbacks.preview.every_n_steps=2"))
     assert seen == [False] * 4 and saved == [False]  # the averaged (eval) weights
     assert modules[0].trainer.optimizers[0].param_groups[0]["train_mode"]  # back after
     assert modules[0].global_step == 4 and result["adapter_files"]

@@ -22,6 +22,7 @@ OPTIM_KEYS = ("loraplus_ratio",)  # sdft's keys in conf/optim/*.yaml, not the op
 PIP_PACKAGES = {
     "prodigyopt": "prodigyopt",
     "schedulefree": "schedulefree",
+    "prodigyplus": "prodigy-plus-schedule-free",
     "lion_pytorch": "lion-pytorch",
     "bitsandbytes": "bitsandbytes",
     "torchao": "torchao",
