@@ -12,13 +12,15 @@ import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+import torch
 from diffusers import StableDiffusionPipeline
 from peft import PeftConfig
 
 from sdft.adapters import export
-from sdft.adapters.layers import ADAPTER_PARAMS, adapter_layers
+from sdft.adapters.layers import ADAPTER_PARAMS, LayerWeights, adapter_layers
 from sdft.adapters.load import init_from_file
 from sdft.adapters.metadata import kohya_metadata
+from sdft.adapters.principal import is_trained
 
 ATTENTION_LAYERS = {"all": "attn1|attn2", "cross": "attn2", "self": "attn1"}
 # kohya / LyCORIS "conv" layers: the ResNet blocks' convolutions and the down/up samplers.
@@ -156,9 +158,14 @@ class PeftMethod(ABC):
         self.add_adapters(pipe)
         for model in self.trained_components(pipe).values():
             for n, p in model.named_parameters():
-                p.requires_grad_(any(marker in n for marker in ADAPTER_PARAMS))
+                trained = any(m in n for m in ADAPTER_PARAMS) and is_trained(n, self.adapter_name)
+                p.requires_grad_(trained)
         if self.init_weights:
             init_from_file(pipe, self.init_weights, self.trained_components(pipe), self.name)
+
+    def exported_layers(self, model: torch.nn.Module) -> dict[str, LayerWeights]:
+        """The kohya file's layers of one trained model: its adapter's factors."""
+        return adapter_layers(model, self.adapter_name)
 
     def kohya_network(self) -> dict:
         return {
@@ -173,10 +180,7 @@ class PeftMethod(ABC):
         self, pipe: StableDiffusionPipeline, out_dir: str | Path, metadata: dict | None = None
     ) -> list[Path]:
         """Write the kohya/LyCORIS file `<output_name>.safetensors` (with `ss_*` metadata)."""
-        layers = {
-            c: adapter_layers(m, self.adapter_name)
-            for c, m in self.trained_components(pipe).items()
-        }
+        layers = {c: self.exported_layers(m) for c, m in self.trained_components(pipe).items()}
         tensors = export.kohya_state_dict(layers, self.save_torch_dtype)
         meta = kohya_metadata(pipe, self.kohya_network(), metadata)
         path = Path(out_dir) / f"{self.output_name}.safetensors"

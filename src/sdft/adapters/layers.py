@@ -120,7 +120,12 @@ class LayerWeights:
 
 
 def peft_factor(layer: BaseTunerLayer, factor: str, adapter: str) -> torch.Tensor:
-    """The tensor of a peft layer's factor, named as LyCORIS names it."""
+    """The tensor of a peft layer's factor, named as LyCORIS names it (a view: writing to it
+    writes the layer's weight)."""
+    if factor == "dora_scale":  # peft: (out,) linear, (1, out, 1, 1) conv; LyCORIS (out, 1[, 1, 1])
+        up = peft_factor(layer, "lora_up", adapter)  # (out, r[, 1, 1])
+        m = layer.lora_magnitude_vector[adapter].weight
+        return m.view(up.shape[0], *[1] * (up.dim() - 1))
     value = getattr(layer, PEFT_NAMES.get(factor, factor))[adapter]
     return value.weight if isinstance(value, torch.nn.Module) else value
 
@@ -134,11 +139,8 @@ def peft_layer_weights(layer: BaseTunerLayer, adapter: str) -> LayerWeights:
         if adapter in getattr(layer, PEFT_NAMES.get(name, name)):
             tensors[name] = peft_factor(layer, name, adapter).detach()
     weights = LayerWeights(kind, tensors)
-    magnitude = getattr(layer, "lora_magnitude_vector", {})
-    if adapter in magnitude:  # DoRA: LyCORIS/ComfyUI `dora_scale`, one norm per output row
-        w = tensors["lora_up"]  # (out, r[, 1, 1])
-        m = magnitude[adapter].weight.detach()  # peft: (out,) linear, (1, out, 1, 1) conv
-        tensors["dora_scale"] = m.reshape(w.shape[0], *[1] * (w.dim() - 1))
+    if adapter in getattr(layer, "lora_magnitude_vector", {}):  # DoRA: one norm per output row
+        tensors["dora_scale"] = peft_factor(layer, "dora_scale", adapter).detach()
     scaling = float(layer.scaling[adapter])
     if weights.rank is None:  # full LoKr factors: readers apply no scale, so bake it into w1
         tensors["lokr_w1"] = tensors["lokr_w1"] * scaling

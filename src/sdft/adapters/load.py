@@ -25,7 +25,7 @@ from diffusers.utils import (
     convert_unet_state_dict_to_peft,
     recurse_remove_peft_layers,
 )
-from peft import LoHaConfig, LoKrConfig, set_peft_model_state_dict
+from peft import LoHaConfig, LoKrConfig, LoraConfig, set_peft_model_state_dict
 from peft.tuners.lokr.layer import factorization
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import get_pattern_key
@@ -45,6 +45,7 @@ from sdft.adapters.layers import (
 COMPONENTS = ("unet", "text_encoder")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 SHOW = 3  # mismatches named in an error message
+DORA_SCALE = "dora_scale"  # DoRA's magnitude in kohya/LyCORIS files: (out, 1[, 1, 1])
 
 
 class AdapterMismatchError(ValueError):
@@ -65,6 +66,10 @@ class AdapterFile:
     @property
     def kinds(self) -> set[str]:
         return {lw.kind for lw in self.layers.values()}
+
+    @property
+    def dora_layers(self) -> int:
+        return sum(DORA_SCALE in lw.tensors for lw in self.layers.values())
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -142,8 +147,8 @@ def _read_kohya(adapter: AdapterFile, tensors: dict, pipe: StableDiffusionPipeli
         grouped.setdefault(name, {})[suffix.removesuffix(".weight")] = t
     for name, parts in grouped.items():
         alpha = parts.pop("alpha", None)
-        kinds = {kind_of(s) for s in parts}
-        if None in kinds or len(kinds) != 1:
+        kinds = {kind_of(s) for s in parts if s != DORA_SCALE}
+        if None in kinds or len(kinds) != 1 or (DORA_SCALE in parts and kinds != {"lora"}):
             odd = [s for s in parts if kind_of(s) is None] or sorted(parts)
             raise ValueError(f"{adapter.path}: layer {name} has unsupported keys {odd}")
         if name not in index:
@@ -239,9 +244,9 @@ def read_checked(path: str | Path, pipe: StableDiffusionPipeline) -> AdapterFile
 
 @torch.no_grad()
 def merge_adapter(pipe: StableDiffusionPipeline, path: str | Path, scale: float = 1.0) -> None:
-    """W' = W + scale * dW for every layer of the adapter file, in place: the file is loaded as
-    peft layers, each adds its own update (peft's `get_delta_weight`) to its base weight, and
-    the layers go again."""
+    """W' = W + scale * dW for every layer of the adapter file, in place (DoRA: W' = m (W +
+    scale dW) / ||W + scale dW||): the file is loaded as peft layers, peft merges each into
+    its base weight, and the layers go again."""
     adapter = read_checked(path, pipe)
     if adapter.format == "embedding":
         raise ValueError(f"{path}: a textual-inversion embedding has no weights to merge")
@@ -251,8 +256,9 @@ def merge_adapter(pipe: StableDiffusionPipeline, path: str | Path, scale: float 
         model = getattr(pipe, component)
         for module in model.modules():
             if isinstance(module, BaseTunerLayer) and holds(module, name):
-                weight = module.get_base_layer().weight
-                weight += (scale * module.get_delta_weight(name)).to(weight.dtype)
+                module.scaling[name] *= scale
+                module.merge(adapter_names=[name])  # peft's: DoRA's row norms included
+                module.merged_adapters.remove(name)  # now part of the base weight for good
                 module.delete_adapter(name)
         model.peft_config.pop(name, None)
         if not model.peft_config:  # no other adapter: back to the plain layers
@@ -354,13 +360,43 @@ def inject_lycoris(pipe: StableDiffusionPipeline, adapter: AdapterFile, name: st
         set_peft_model_state_dict(model, state, adapter_name=name)
 
 
+@torch.no_grad()
+def inject_dora(pipe: StableDiffusionPipeline, adapter: AdapterFile, name: str) -> None:
+    """Add a kohya/LyCORIS LoRA file with `dora_scale` keys (sdft's, LyCORIS', OneTrainer's)
+    as peft DoRA adapter `name`: diffusers' loader drops `dora_scale` from SD1.x kohya files,
+    which would give plain LoRA's output without a word."""
+    if adapter.dora_layers != len(adapter.layers):
+        raise ValueError(
+            f"{adapter.path}: {adapter.dora_layers} of {len(adapter.layers)} layers have "
+            f"{DORA_SCALE}: a DoRA file has it on every layer"
+        )
+    for component in sorted({c for c, _ in adapter.layers}):
+        model = getattr(pipe, component)
+        layers = {p: lw for (c, p), lw in adapter.layers.items() if c == component}
+        ranks = {re.escape(p): lw.rank for p, lw in layers.items()}
+        alphas = {re.escape(p): lw.rank * lw.scale for p, lw in layers.items()}
+        config = LoraConfig(
+            r=1, lora_alpha=1, target_modules=sorted(layers), rank_pattern=ranks,
+            alpha_pattern=alphas, use_dora=True,
+        )  # fmt: skip
+        model.add_adapter(config, adapter_name=name)
+        for path, lw in layers.items():
+            layer = model.get_submodule(path)
+            for factor in ("lora_down", "lora_up"):
+                peft_factor(layer, factor, name).copy_(lw.tensors[factor])
+            magnitude = layer.lora_magnitude_vector[name].weight  # (out,) or (1, out, 1, 1)
+            magnitude.copy_(lw.tensors[DORA_SCALE].reshape(magnitude.shape))
+
+
 def load_adapter(pipe: StableDiffusionPipeline, path: str | Path, name: str) -> None:
     """Load an adapter file as peft adapter `name` (diffusers' loader for LoRA/LoCon in
     either format, peft LoHa/LoKr layers for LyCORIS files), after checking it fits."""
     adapter = read_checked(path, pipe)
     if adapter.format == "embedding":
         raise ValueError(f"{path} is a textual-inversion embedding: list it under embeddings")
-    if adapter.kinds == {"lora"}:
+    if adapter.dora_layers:
+        inject_dora(pipe, adapter, name)
+    elif adapter.kinds == {"lora"}:
         pipe.load_lora_weights(str(adapter.path), adapter_name=name)
     elif len(adapter.kinds) == 1:
         inject_lycoris(pipe, adapter, name)
@@ -393,7 +429,8 @@ def init_from_file(
             continue
         for factor, t in lw.tensors.items():
             peft_factor(layer, factor, "default").copy_(t)
-        first = next(iter(lw.tensors))  # the update is linear in each factor: rescale one
+        # the update is linear in each factor: rescale one (not DoRA's magnitude, a norm)
+        first = next(f for f in lw.tensors if f != DORA_SCALE)
         peft_factor(layer, first, "default").mul_(lw.scale / layer.scaling["default"])
     if problems:
         raise AdapterMismatchError(

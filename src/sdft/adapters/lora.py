@@ -9,7 +9,8 @@ diffusers example) or Kaiming-uniform (peft's default). With `conv_rank` set thi
 peft options: `use_rslora` scales by alpha / sqrt(r) instead of alpha / r (rank-stable);
 `use_dora` (DoRA) trains a per-output-row magnitude m too:
 W' = m * (W0 + s B A) / ||W0 + s B A||_row; `rank_pattern` / `alpha_pattern` (or kohya's
-25 `block_dims` / `block_alphas` for SD1.x) give layers their own rank and alpha.
+25 `block_dims` / `block_alphas` for SD1.x) give layers their own rank and alpha;
+`init=pissa|olora` starts A and B from the base weights' principal part (principal.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ from peft.utils import get_peft_model_state_dict
 
 from sdft.adapters import export
 from sdft.adapters.base import PeftMethod, block_patterns
+from sdft.adapters.layers import LayerWeights, adapter_layers
+from sdft.adapters.principal import (
+    INITIAL,
+    PRINCIPAL_INITS,
+    add_initial,
+    exported_config,
+    joined_layers,
+    joined_state_dict,
+)
 from sdft.files import atomic_output
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention
@@ -70,8 +80,14 @@ class LoRAMethod(PeftMethod):
             save_dtype=save_dtype,
             output_name=output_name,
         )
-        if init not in INITS:
-            raise ValueError(f"method.init={init!r} must be one of {list(INITS)}")
+        if init not in (*INITS, *PRINCIPAL_INITS):
+            raise ValueError(f"method.init={init!r} must be one of {[*INITS, *PRINCIPAL_INITS]}")
+        if init in PRINCIPAL_INITS and (use_dora or init_weights):
+            other = "method.use_dora=true" if use_dora else f"method.init_weights={init_weights}"
+            raise ValueError(
+                f"method.init={init} starts from the base weights' principal part, which "
+                f"{other} does not combine with: use one of them"
+            )
         self.dropout, self.init, self.train_text_encoder = dropout, init, train_text_encoder
         self.use_dora, self.use_rslora = use_dora, use_rslora
         self.block_dims, self.block_alphas = block_dims, block_alphas
@@ -88,7 +104,7 @@ class LoRAMethod(PeftMethod):
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
-            init_lora_weights=INITS[self.init],
+            init_lora_weights=INITS.get(self.init, "gaussian"),  # pissa/olora: add_adapters
             use_dora=self.use_dora,
             use_rslora=self.use_rslora,
             target_modules=target_modules or self.target_regex,
@@ -113,6 +129,8 @@ class LoRAMethod(PeftMethod):
             "rank_pattern": self.user_patterns[0],
             "alpha_pattern": self.user_patterns[1],
         }
+        if self.init in PRINCIPAL_INITS:  # the checkpoint's factors are relative to it
+            peft_options["init"] = self.init
         changed = {k: v for k, v in peft_options.items() if v}  # old checkpoints still match
         te = {"text_encoder": True} if self.train_text_encoder else {}
         return super().describe() | te | changed
@@ -127,6 +145,24 @@ class LoRAMethod(PeftMethod):
             pipe.text_encoder.add_adapter(
                 self.text_encoder_config(), adapter_name=self.adapter_name
             )
+        if self.init in PRINCIPAL_INITS:
+            for component, model in self.trained_components(pipe).items():
+                add_initial(model, self.component_config(component), self.init, self.adapter_name)
+
+    def component_config(self, component: str) -> LoraConfig:
+        return self.peft_config() if component == "unet" else self.text_encoder_config()
+
+    def exported_layers(self, model: torch.nn.Module) -> dict[str, LayerWeights]:
+        layers = super().exported_layers(model)
+        if self.init in PRINCIPAL_INITS:
+            return joined_layers(layers, adapter_layers(model, INITIAL))
+        return layers
+
+    def kohya_network(self) -> dict:
+        network = super().kohya_network()
+        if self.init in PRINCIPAL_INITS:  # the file's rank-2r form (see principal.py)
+            network |= {"network_dim": 2 * self.rank, "network_alpha": 2 * self.alpha}
+        return network
 
     def network_args(self) -> dict:
         kohya = {  # kohya / LyCORIS names of the same options
@@ -144,11 +180,18 @@ class LoRAMethod(PeftMethod):
         """The adapter weights in diffusers/PEFT naming (what `load_lora_weights` reads), the
         text encoder's under `text_model.` whatever the installed transformers calls them."""
         sd = get_peft_model_state_dict(model, adapter_name=self.adapter_name)
+        if self.init in PRINCIPAL_INITS:
+            sd = joined_state_dict(sd, get_peft_model_state_dict(model, adapter_name=INITIAL))
         sd = {
             export.file_path(component, k): v.detach().to("cpu", self.save_torch_dtype)
             for k, v in sd.items()
         }
         return convert_state_dict_to_diffusers(sd)
+
+    def file_config(self, component: str) -> LoraConfig:
+        """The peft config that diffusers rebuilds the file's layers from."""
+        config = self.component_config(component)
+        return exported_config(config) if self.init in PRINCIPAL_INITS else config
 
     def unet_state_dict(self, pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
         return self.diffusers_state_dict(pipe.unet)
@@ -165,14 +208,14 @@ class LoRAMethod(PeftMethod):
                 "text_encoder_lora_layers": self.diffusers_state_dict(
                     pipe.text_encoder, "text_encoder"
                 ),
-                "text_encoder_lora_adapter_metadata": self.text_encoder_config().to_dict(),
+                "text_encoder_lora_adapter_metadata": self.file_config("text_encoder").to_dict(),
             }
         with atomic_output(Path(out_dir) / name) as tmp_dir:
             StableDiffusionPipeline.save_lora_weights(
                 tmp_dir,
                 unet_lora_layers=self.unet_state_dict(pipe),
                 weight_name=name,
-                unet_lora_adapter_metadata=self.lora_config().to_dict(),
+                unet_lora_adapter_metadata=self.file_config("unet").to_dict(),
                 **te,
             )
         return [Path(out_dir) / name, *super().save(pipe, out_dir, metadata)]
