@@ -36,8 +36,11 @@ bench: setup ## GPU: the diffusers example and sdft side by side; appends a tabl
 ui: setup ## the web UI on http://127.0.0.1:7860 (tiny model, CPU, offline; ARGS="model=sd15" on a GPU)
 	GRADIO_ANALYTICS_ENABLED=False $(PY) ui.py $(ARGS)
 
-test: setup ## run the test suite (CPU, offline)
-	$(PY) -m pytest -q $(ARGS)
+# two workers of one thread each: most of the suite's time is subprocesses starting up, which
+# overlap; two threads each would oversubscribe a 2-core machine (OpenMP threads spin)
+TEST_WORKERS ?= 2
+test: setup ## run the test suite (CPU, offline; ~10 min on 2 cores)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 lint: setup ## ruff check and format check
 	$(PY) -m ruff check .

@@ -6,7 +6,8 @@ make tiny fails `test_every_readme_command_has_a_tiny_form`.
 How a README line becomes its tiny form (all of it is here, in `tiny_form`):
 - `python train.py ...` + TRAIN: the tiny model on the CPU at 64 px, 2 steps (a checkpoint
   each), small previews;
-  + TINY_EVAL (the sweep at its smallest, random tiny CLIPs) when its data has categories.
+  + TINY_EVAL (the sweep at its smallest, random tiny CLIPs) and TINY_VAL (the validation
+  loss at its smallest) when its data has categories.
   A key the README line sets itself is never overridden (its `seeds=`, its `model.pretrained=`).
 - `python evaluate.py ...` + TINY_EVAL; `python generate.py ...` + GENERATE (tiny model, CPU,
   2 steps, 64 px).
@@ -69,6 +70,9 @@ TINY_EVAL = [
     "eval.seeds=[0]",
     "eval.num_inference_steps=2",
 ]
+# the end-of-fit validation loss at its smallest: 1 drawing a category, one timestep (the
+# recipe's 2 x 5 timesteps are 1000 UNet passes, most of a tiny run's time on a CPU)
+TINY_VAL = ["data.val_per_category=1", "val.timesteps=[500]"]
 GENERATE = ["model=tiny", "device=cpu", "steps=2", "resolution=64", "seeds=[0]"]
 CPU_DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 SUBJECT = "/path/to/subject"
@@ -116,7 +120,7 @@ def tiny_form(command: str, clone: Path) -> list[str] | None:
         return None
     if command == "make train":  # as `make train ARGS="..."`: the same line, 2 steps
         small = ["trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=1"]
-        small += ["callbacks.preview.every_n_steps=1", *TRAIN[3:], *TINY_EVAL[1:]]
+        small += ["callbacks.preview.every_n_steps=1", *TRAIN[3:], *TINY_EVAL[1:], *TINY_VAL]
         return [sys.executable, "train.py", *add(small, makefile_tiny())]
     if command == "make ui" or "ui.py" in command:
         args = ["model=tiny"] if command == "make ui" else shlex.split(command)[2:]
@@ -129,7 +133,7 @@ def tiny_form(command: str, clone: Path) -> list[str] | None:
         small = ["trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=1"]
         dirs = [f"results_dir={clone / 'paper_results'}", f"work_dir={clone / 'paper_work'}"]
         script = str(ROOT / "experiments" / "scribble_paper" / "paper.py")
-        return [sys.executable, script, *dirs, *small, *TINY_EVAL[1:]]
+        return [sys.executable, script, *dirs, *small, *TINY_EVAL[1:], *TINY_VAL]
     argv = shlex.split(command)
     for placeholder, value in PLACEHOLDERS.items():
         argv = [a.replace(placeholder, value) for a in argv]
@@ -157,7 +161,7 @@ def tiny_form(command: str, clone: Path) -> list[str] | None:
     if "data=dreambooth" in args:  # eval=paper stays: the skipped sweep must load nothing
         tiny += ["data.num_class_images=4", f"data.cache_dir={clone / 'cache'}"]
     elif "data=caption_jsonl" not in args:  # a caption folder has no categories to sweep
-        tiny += TINY_EVAL
+        tiny += TINY_EVAL + TINY_VAL
     return [sys.executable, script, *add(args, tiny)]
 
 
@@ -190,6 +194,8 @@ def serves_its_page(argv: list[str], clone: Path) -> None:
 
 def run(argv: list[str], clone: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    if "hydra/launcher=submitit_local" in argv:  # its 3 jobs run at once: one thread each, or
+        env["OMP_NUM_THREADS"] = "1"  # 3 x 2 spinning OpenMP threads thrash 2 cores (10x slower)
     proc = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{shlex.join(argv)}\n{proc.stdout[-3000:]}{proc.stderr[-6000:]}"
     return proc
