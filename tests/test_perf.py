@@ -2,6 +2,7 @@
 
 import inspect
 import logging
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -64,6 +65,28 @@ def test_fast_path_gives_the_same_loss_and_gradients_as_the_plain_path(make_cfg)
         torch.testing.assert_close(fast_grads[n], ref_grads[n], rtol=1e-3, atol=1e-6)
     # names (hence checkpoints) are unchanged by the in-place compile
     assert set(fast.state_dict()) == set(plain.state_dict())
+
+
+def test_regional_compile_compiles_only_the_blocks_and_computes_the_same(make_cfg, tmp_path):
+    cfg = make_cfg()
+    plain, batch = module_and_batch(cfg)
+    fast, _ = module_and_batch(cfg)
+    regions = ["UNetMidBlock2DCrossAttn"]  # one block: a short compile on the CPU
+    path = FastPath(compile_regions=regions, cache_dir=str(tmp_path / "cache"), force=True)
+    path.apply(fast.unet, fast.device)
+    compiled = [type(m).__name__ for m in fast.unet.modules() if m._compiled_call_impl]
+    assert fast.unet._compiled_call_impl is None and set(compiled) == set(regions)
+    ref_loss, ref_grads = loss_and_grads(plain, batch)
+    fast_loss, fast_grads = loss_and_grads(fast, batch)
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n in ref_grads:
+        torch.testing.assert_close(fast_grads[n], ref_grads[n], rtol=1e-3, atol=1e-6)
+    # the kernels went to perf.cache_dir, for the next run; restore puts torch's variables back
+    assert any((tmp_path / "cache" / "inductor").rglob("*.py"))
+    path.restore()
+    assert str(tmp_path) not in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+    with pytest.raises(ValueError, match=r"perf.compile_regions: the UNet has no \['Block'\]"):
+        FastPath(compile_regions=["Block"], force=True).apply(fast.unet, fast.device)
 
 
 def test_other_batch_sizes_run_eagerly_without_a_second_compile(make_cfg):

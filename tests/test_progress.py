@@ -5,6 +5,8 @@ import json
 import logging
 from types import SimpleNamespace
 
+import psutil
+import pytest
 import torch
 
 from sdft import speed as speed_module
@@ -82,3 +84,13 @@ def test_perf_json_times_only_the_steps_after_the_warm_up(tmp_path, monkeypatch)
     # 20 timed steps of 4 samples; the fake clock ticks once per reading
     assert perf["timed_samples"] == 80 and "reason" not in perf
     assert perf["samples_per_s"] == 80 / perf["timed_seconds"]
+
+
+def test_perf_json_times_launch_to_the_end_of_the_first_step(tmp_path, monkeypatch):
+    """What a user waits for before training moves: process start (imports, model load,
+    compile) to the first optimizer step's end."""
+    started = psutil.Process().create_time()
+    out = tmp_path / "perf.json"
+    monkeypatch.setattr(speed_module.time, "time", lambda: started + 42.0)
+    drive(SpeedMonitor(warmup_steps=1, out_file=str(out)), 3, 0.5, monkeypatch)
+    assert json.loads(out.read_text())["launch_to_first_step_s"] == pytest.approx(42.0)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch._dynamo import config as dynamo_config
 from torch._inductor import config as inductor_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -29,6 +32,13 @@ ATTENTION_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
+
+
+def restore_env(var: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(var, None)
+    else:
+        os.environ[var] = value
 
 
 class FastPath(L.Callback):
@@ -52,6 +62,8 @@ class FastPath(L.Callback):
         attention: str | None = None,
         cudnn_benchmark: bool = False,
         adapter_input_cast: bool = False,
+        compile_regions: list[str] | None = None,
+        cache_dir: str | None = "~/.cache/sdft/torch_compile",
         force: bool = False,
     ):
         self.compile_unet = compile_unet  # inductor kernels; first steps pay the compile
@@ -81,6 +93,13 @@ class FastPath(L.Callback):
         # mixed precision, autocast casts it straight back to bf16 for the matmul: two
         # activation-sized copies per adapted layer, and their backward, for the same numbers
         self.adapter_input_cast = adapter_input_cast
+        # regional compilation: compile each block of these classes (the UNet's repeated
+        # BasicTransformerBlock, ResnetBlock2D, ...) rather than the whole UNet: inductor
+        # compiles one block of each shape and reuses it, a far shorter cold start
+        self.compile_regions = list(compile_regions or [])
+        # where inductor and Triton keep compiled kernels across runs (null: torch's default,
+        # /tmp/torchinductor_<user>): a second run, and every sweep trial, starts warm
+        self.cache_dir = cache_dir
         self.force = force
         self.compiled = False
         self._batch_size: int | None = None  # the shape the UNet is compiled for
@@ -145,9 +164,36 @@ class FastPath(L.Callback):
             for key, value in self.inductor.items():  # for the process, as tf32
                 self._remember(inductor_config, key)
                 setattr(inductor_config, key, value)
+            if self.cache_dir:
+                self.use_cache_dir(Path(self.cache_dir).expanduser())
+            if self.compile_regions:  # one graph per block shape: SD1.5's ResnetBlock2D alone
+                self._remember(dynamo_config, "recompile_limit")  # has ~15, over the default 8
+                dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             # in place (nn.Module.compile): parameter names, and so checkpoints, stay the same
-            unet.compile(mode=self.compile_mode, dynamic=False)
+            for module in self.compile_targets(unet):
+                module.compile(mode=self.compile_mode, dynamic=False)
             self.compiled = True
+
+    def compile_targets(self, unet: torch.nn.Module) -> list[torch.nn.Module]:
+        """The UNet itself, or with `compile_regions` every block of those classes."""
+        if not self.compile_regions:
+            return [unet]
+        blocks = [m for m in unet.modules() if type(m).__name__ in self.compile_regions]
+        found = {type(m).__name__ for m in blocks}
+        if missing := [c for c in self.compile_regions if c not in found]:
+            raise ValueError(
+                f"perf.compile_regions: the UNet has no {missing} blocks "
+                f"(it has e.g. {sorted({type(m).__name__ for m in unet.modules()})[:8]})"
+            )
+        return blocks
+
+    def use_cache_dir(self, folder: Path) -> None:
+        """Point inductor's and Triton's caches at `folder` for this process (until
+        `restore`); they read these variables when they compile."""
+        for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+            self._restore.callback(restore_env, var, os.environ.get(var))
+            os.environ[var] = str(folder / sub)
+        log.info("torch.compile cache: %s", folder)
 
     def _remember(self, owner: Any, name: str) -> None:
         """Have `restore` set `owner.name` back to its value now."""

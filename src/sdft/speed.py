@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import psutil
 import torch
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class SpeedMonitor(L.Callback):
         self._steps, self._timed_from = 0, 0  # timed steps, and the step the clock started
         self._train_t0 = 0.0
         self._first_step_s: float | None = None
+        self._launch_s: float | None = None  # process start -> end of the first step
         self._printed = -1
 
     def _sync(self, module: L.LightningModule) -> None:
@@ -56,6 +58,7 @@ class SpeedMonitor(L.Callback):
         if self._first_step_s is None and step > 0:  # compile included, when compiled
             self._sync(module)
             self._first_step_s = time.perf_counter() - self._train_t0
+            self._launch_s = time.time() - psutil.Process().create_time()
         every = self.print_every_n_steps
         if every and step % every == 0 and trainer.is_global_zero and step != self._printed:
             self._printed = step
@@ -76,6 +79,8 @@ class SpeedMonitor(L.Callback):
             "steps_done": module.trainer.global_step,  # fewer than max_steps after max_time
             "warmup_steps": self.warmup_steps,
             "first_step_s": self._first_step_s,
+            # what a user waits for: imports, model load, cache, compile and the first step
+            "launch_to_first_step_s": self._launch_s,
         }
         if self._steps < self.min_timed_steps:
             out["samples_per_s"] = None
