@@ -34,6 +34,7 @@ VARIANTS = [
     ("lokr", []),
     ("textual_inversion", []),
     ("dreambooth_lora", []),
+    ("full", []),  # the whole UNet
 ]
 
 
@@ -65,6 +66,8 @@ def export_sizes(model: str, variants: list[tuple[str, list[str]]], out_dir: Pat
         folder.mkdir(parents=True)
         setting = " ".join(overrides) or "defaults"
         for f in method.save(pipe, folder):
+            if f.suffix != ".safetensors":
+                continue  # method=full's config.json beside its weights
             rows.append(
                 {
                     "method": method_name,
@@ -90,7 +93,8 @@ def markdown(rows: list[dict], model: str) -> str:
         "|---|---|---|---|",
     ]
     for r in rows:
-        file = "kohya/A1111/LyCORIS" if not r["file"].startswith(("pytorch_", "learned_")) else ""
+        formats = ("pytorch_", "learned_", "diffusion_")  # diffusers' own file names
+        file = "kohya/A1111/LyCORIS" if not r["file"].startswith(formats) else ""
         name = f"`{r['file']}`" + (f" ({file})" if file else "")
         lines.append(f"| `{r['method']}` | {r['setting']} | {name} | {human(r['size'])} |")
     return "\n".join(lines) + "\n"

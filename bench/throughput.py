@@ -77,6 +77,7 @@ OPTIONS = {
     "ccA": ["perf.cache_dir=/tmp/sdft_bench_cache_A"],
     "ccB": ["perf.cache_dir=/tmp/sdft_bench_cache_B"],
     "warm": [],  # the same run again: its cache filled by the row before
+    "full": ["method=full"],  # full fine-tuning (issue 20): every UNet weight, its memory row
 }
 
 

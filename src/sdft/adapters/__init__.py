@@ -1,4 +1,5 @@
 from sdft.adapters.dreambooth_lora import DreamBoothLoRAMethod
+from sdft.adapters.full import FullFineTuneMethod
 from sdft.adapters.locon import LoConMethod
 from sdft.adapters.loha import LoHaMethod
 from sdft.adapters.lokr import LoKrMethod
@@ -7,6 +8,7 @@ from sdft.adapters.textual_inversion import TextualInversionMethod
 
 __all__ = [
     "DreamBoothLoRAMethod",
+    "FullFineTuneMethod",
     "LoConMethod",
     "LoHaMethod",
     "LoKrMethod",

@@ -390,6 +390,13 @@ class ScaleSweepEvaluator(L.Callback):
             raise ValueError(
                 f"eval.use_ema={self.use_ema} needs an EMA: set callbacks.ema.decay=0.999"
             )
+        method = getattr(module, "method", None)
+        if not getattr(method, "lora_scale", True) and self.scales != [1.0]:
+            log.warning(
+                "method=%s has no LoRA scale: the sweep scores the trained model at scale 1.0 "
+                "only (eval.scales=%s ignored)", method.name, self.scales,
+            )  # fmt: skip
+            self.scales = [1.0]
         if self.will_run(trainer.datamodule):
             self.load_models()
 
