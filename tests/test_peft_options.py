@@ -26,7 +26,7 @@ def trained(method) -> StableDiffusionPipeline:
     method.apply(pipe)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in pipe.unet.parameters():
+        for p in [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]:
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return pipe
@@ -157,6 +157,12 @@ def scaled_out(unet, scale: float) -> torch.Tensor:
         ).sample  # fmt: skip
 
 
+def text_out(pipe) -> torch.Tensor:
+    ids = pipe.tokenizer(["a scribble of a cat"], padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        return pipe.text_encoder(ids.input_ids)[0]
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_principal_inits_start_from_peft_factors_at_the_base_output(init):
     base = build_random_pipeline("tiny")
@@ -196,8 +202,9 @@ def test_principal_inits_start_from_peft_factors_at_the_base_output(init):
         LoRAMethod(rank=4, init="pissa", output_name="f"),
         LoRAMethod(rank=4, alpha=8, init="olora", use_rslora=True, output_name="f"),
         LoConMethod(rank=4, init="pissa", output_name="f"),
+        LoRAMethod(rank=4, init="pissa", train_text_encoder=True, output_name="f"),
     ],
-    ids=["lora-pissa", "lora-olora-rslora", "locon-pissa"],
+    ids=["lora-pissa", "lora-olora-rslora", "locon-pissa", "lora-pissa-text-encoder"],
 )
 def test_principal_init_files_are_plain_loras_on_the_original_base(method, tmp_path):
     pipe = trained(method)
@@ -209,6 +216,8 @@ def test_principal_init_files_are_plain_loras_on_the_original_base(method, tmp_p
             torch.testing.assert_close(
                 scaled_out(fresh.unet, scale), scaled_out(pipe.unet, scale), atol=2e-5, rtol=1e-4
             )
+            if method.train_text_encoder and scale == 1.0:
+                torch.testing.assert_close(text_out(fresh), text_out(pipe), atol=2e-5, rtol=1e-4)
     # rank 2r: [A; A0] and [B, -B0] (peft's path_initial_model_for_weight_conversion form)
     kohya = load_file(tmp_path / "f.safetensors")
     downs = [v for k, v in kohya.items() if k.endswith("to_q.lora_down.weight")]
