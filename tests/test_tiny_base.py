@@ -10,7 +10,8 @@ from diffusers import AutoencoderKL
 
 from sdft.data.quickdraw import QuickDrawDataModule
 from sdft.eval.metrics import load_clip
-from sdft.tiny_base.clip import rendered, sample_drawings, zero_shot_accuracy
+from sdft.tiny_base.clip import zero_shot_accuracy
+from sdft.tiny_base.data import RenderedDrawings, sample_drawings
 from sdft.tiny_base.split import scribble_categories
 from sdft.tiny_base.vae import mean_reconstruction_mse
 
@@ -57,8 +58,8 @@ def test_clip_pair_names_drawings_it_never_saw_far_above_chance():
     categories = sorted(QuickDrawDataModule(str(SAMPLE)).category_files())
     held = sample_drawings(str(SAMPLE), categories, lambda key: key in keys, 2)
     assert len(held) == card["unseen_drawings"] == len(keys)
-    pixels, labels = rendered(held, categories).tensors
+    unseen = RenderedDrawings(held, categories)
     prompts = [f"a scribble of {c}" for c in categories]
-    accuracy = zero_shot_accuracy(features.model, pixels, labels, prompts)
+    accuracy = zero_shot_accuracy(features.model, unseen.pixels, unseen.labels, prompts)
     assert abs(accuracy - card["zero_shot_top1_unseen_drawings"]) < 2e-3  # the card's number
     assert accuracy > 10 * card["chance"]  # the stated floor: ten times chance (1 / 344)

@@ -19,16 +19,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader
 
 from sdft.data.quickdraw import QuickDrawDataModule
-from sdft.tiny_base.clip import (
-    ClipPairTrainer,
-    clip_processor,
-    rendered,
-    sample_drawings,
-    zero_shot_accuracy,
-)
+from sdft.tiny_base.clip import ClipPairTrainer, clip_processor, zero_shot_accuracy
+from sdft.tiny_base.data import RenderedDrawings, pick, sample_drawings
 from sdft.tiny_base.split import ROOT
 
 DEFAULTS = dict(
@@ -44,42 +39,19 @@ DEFAULTS = dict(
 )
 
 
-class Flipping(Dataset):
-    """Each drawing and its mirror image, as sdft's QuickDraw training sees them."""
-
-    def __init__(self, data: TensorDataset):
-        self.data = data
-
-    def __len__(self) -> int:
-        return 2 * len(self.data)
-
-    def __getitem__(self, i: int) -> dict:
-        pixels, label = self.data[i // 2]
-        return {"pixel_values": pixels.flip(-1) if i % 2 else pixels, "label": label}
-
-
-def drawings(data: str, categories: list[str], cfg) -> QuickDrawDataModule:
-    dm = QuickDrawDataModule(
-        data, categories=categories, held_out_fraction=0.0, per_category=cfg.per_category,
-        val_per_category=cfg.val_per_category, resolution=32, seed=cfg.seed,
-    )  # fmt: skip
-    dm.setup("fit")
-    return dm
-
-
 def main(argv: list[str]) -> dict:
     cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(argv))
     out = Path(cfg.out)
     L.seed_everything(cfg.seed)
     categories = sorted(QuickDrawDataModule(str(cfg.data)).category_files())
     prompts = [cfg.template.format(category=c) for c in categories]
-    train = drawings(cfg.data, categories, cfg)
+    train = pick(cfg.data, categories, cfg.per_category, cfg.val_per_category, cfg.seed)
     trained_keys = {d.key for d in train.dataset.drawings}
     sample = str(ROOT / "data" / "quickdraw")
     held = sample_drawings(
         sample, categories, lambda key: key not in trained_keys, cfg.val_per_category
     )
-    data = Flipping(rendered(train.dataset, categories))
+    data = RenderedDrawings(train.dataset, categories, mirrored=True)
     loader = DataLoader(data, cfg.batch_size, shuffle=True, drop_last=True)
     module = ClipPairTrainer(prompts, lr=cfg.lr)
     trainer = L.Trainer(
@@ -89,8 +61,8 @@ def main(argv: list[str]) -> dict:
     start = time.time()
     trainer.fit(module, loader)
     model = module.model.cpu().eval()
-    pixels, labels = rendered(held, categories).tensors
-    accuracy = zero_shot_accuracy(model, pixels, labels, prompts)
+    unseen = RenderedDrawings(held, categories)
+    accuracy = zero_shot_accuracy(model, unseen.pixels, unseen.labels, prompts)
     metrics = {
         "zero_shot_top1_unseen_drawings": accuracy,
         "chance": 1 / len(categories),

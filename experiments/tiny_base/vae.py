@@ -18,9 +18,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from sdft.data.quickdraw import QuickDrawDataModule
+from sdft.tiny_base.data import RenderedDrawings, pick
 from sdft.tiny_base.split import ROOT, category_split
 from sdft.tiny_base.vae import VAETrainer, mean_reconstruction_mse
 
@@ -29,7 +29,6 @@ DEFAULTS = dict(
     out="models/tiny_qd",
     per_category=20,  # drawings of each base category (the ndjson ones have 25)
     val_per_category=2,  # unseen drawings of each base category: the reported error
-    resolution=32,
     batch_size=64,
     max_steps=3000,
     lr=1e-3,
@@ -38,36 +37,16 @@ DEFAULTS = dict(
 )
 
 
-class Flipped(Dataset):
-    """Each drawing and its mirror image, as sdft's QuickDraw training sees them."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return 2 * len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset[(i // 2, i % 2 == 1)]
-
-
-def drawings(data: str, categories: list[str], cfg, per_category: int) -> QuickDrawDataModule:
-    dm = QuickDrawDataModule(
-        data, categories=categories, held_out_fraction=0.0, per_category=per_category,
-        val_per_category=cfg.val_per_category, resolution=cfg.resolution, seed=cfg.seed,
-    )  # fmt: skip
-    dm.setup("fit")
-    return dm
-
-
 def main(argv: list[str]) -> dict:
     cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(argv))
     out = Path(cfg.out)
     L.seed_everything(cfg.seed)
     split = category_split(cfg.data)
-    base = drawings(cfg.data, split["base"], cfg, cfg.per_category)
-    new = drawings(str(ROOT / "data" / "quickdraw"), split["new"], cfg, 2)  # never trained on
-    train = DataLoader(Flipped(base.dataset), cfg.batch_size, shuffle=True, drop_last=True)
+    base = pick(cfg.data, split["base"], cfg.per_category, cfg.val_per_category, cfg.seed)
+    sample = str(ROOT / "data" / "quickdraw")
+    new = pick(sample, split["new"], 2, cfg.val_per_category, cfg.seed)  # never trained on
+    data = RenderedDrawings(base.dataset, split["base"], mirrored=True)
+    train = DataLoader(data, cfg.batch_size, shuffle=True, drop_last=True)
     val = DataLoader(base.val_datasets()["trained"], 256)
     module = VAETrainer(kl_weight=cfg.kl_weight, lr=cfg.lr)
     trainer = L.Trainer(

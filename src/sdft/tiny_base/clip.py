@@ -9,21 +9,15 @@ each other's negatives)."""
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
-
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from sdft.data.checks import BadSamples
-from sdft.data.quickdraw import QuickDrawDataModule, QuickDrawDataset
 from sdft.eval.metrics import ClipFeatures
 from sdft.models.tokenizer import clip_tokenizer
+from sdft.tiny_base.data import SIDE
 
-SIDE = 32  # the drawings' resolution
 CLIP_CONFIG = dict(
     text_config=dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -88,24 +82,3 @@ def zero_shot_accuracy(model: CLIPModel, pixels: torch.Tensor, labels: torch.Ten
     texts = F.normalize(features.get_text_features(tokens.input_ids), dim=-1)
     images = F.normalize(features.get_image_features(to_clip_pixels(pixels)), dim=-1)
     return (images @ texts.T).argmax(-1).eq(labels).float().mean().item()
-
-
-def sample_drawings(
-    sample: str, categories: list[str], keep: Callable[[str], bool], k: int
-) -> QuickDrawDataset:
-    """`k` drawings of each category of the QuickDraw folder `sample` whose key `keep`s, among
-    25 sampled with seed 0 (an ndjson category has 25 in all): the evaluation's unseen ones."""
-    dm = QuickDrawDataModule(sample, resolution=SIDE)
-    files, bad, chosen = dm.category_files(), BadSamples("error", sample), []
-    for c in categories:
-        pool = dm._pick(c, files[c], random.Random(0), bad, count=25)
-        chosen += [d for d in pool if keep(d.key)][:k]
-    return dm._dataset(chosen)
-
-
-def rendered(dataset, categories: list[str]) -> TensorDataset:
-    """Every drawing rendered once, (N, 3, 32, 32) in [-1, 1], with its category's index."""
-    index = {c: i for i, c in enumerate(categories)}
-    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
-    labels = torch.tensor([index[d.category] for d in dataset.drawings])
-    return TensorDataset(pixels, labels)
