@@ -30,3 +30,12 @@ def test_full_finetune_trains_every_unet_weight_and_writes_a_unet_diffusers_load
     # a LoRA scale means nothing here: the sweep scores scale 1.0 only
     (table,) = out.rglob("scale_sweep.csv")
     assert [float(r["scale"]) for r in csv.DictReader(table.open())] == [1.0]
+
+
+def test_full_finetune_run_through_train_py_checks_only_its_weights(make_cfg):
+    """train.py's trial check reads each written safetensors file for NaN/inf; method=full
+    also writes unet/config.json, which it must not read as one."""
+    from sdft.sweep import check_trial_finite
+
+    out = run(make_cfg("method=full", "trainer.max_steps=1"))
+    check_trial_finite(out)  # raised "header too large" on config.json before
