@@ -47,7 +47,8 @@ def main(argv: list[str]) -> dict:
     new = pick(sample, split["new"], 2, cfg.val_per_category, cfg.seed)  # never trained on
     data = RenderedDrawings(base.dataset, split["base"], mirrored=True)
     train = DataLoader(data, cfg.batch_size, shuffle=True, drop_last=True)
-    val = DataLoader(base.val_datasets()["trained"], 256)
+    unseen = base.val_datasets()["trained"]  # unseen drawings of the base categories
+    val = DataLoader(unseen, 256)
     module = VAETrainer(kl_weight=cfg.kl_weight, lr=cfg.lr)
     trainer = L.Trainer(
         max_steps=cfg.max_steps, max_epochs=-1, accelerator="auto", devices=1, logger=False,
@@ -58,9 +59,7 @@ def main(argv: list[str]) -> dict:
     trainer.fit(module, train, val)
     vae = module.vae.cpu().eval()
     metrics = {
-        "pixel_mse_unseen_base_drawings": mean_reconstruction_mse(
-            vae, base.val_datasets()["trained"]
-        ),
+        "pixel_mse_unseen_base_drawings": mean_reconstruction_mse(vae, unseen),
         "pixel_mse_new_categories": mean_reconstruction_mse(vae, new.dataset),
         "train_drawings": len(base.dataset),
         "steps": cfg.max_steps,

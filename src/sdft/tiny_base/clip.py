@@ -13,6 +13,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from sdft.eval.metrics import ClipFeatures
 from sdft.models.tokenizer import clip_tokenizer
@@ -34,16 +35,16 @@ CLIP_CONFIG = dict(
 def clip_processor() -> CLIPProcessor:
     """SD's tokenizer and a 32 px image processor (CLIP's normalisation)."""
     images = CLIPImageProcessor(
-        size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE}
-    )
+        size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE},
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+    )  # fmt: skip
     return CLIPProcessor(image_processor=images, tokenizer=clip_tokenizer())
 
 
 def to_clip_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
     """sdft's drawings in [-1, 1] -> CLIP's normalised pixels (the processor's mean and std)."""
-    p = clip_processor().image_processor
-    mean = torch.tensor(p.image_mean)[:, None, None]
-    std = torch.tensor(p.image_std)[:, None, None]
+    mean = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]
+    std = torch.tensor(OPENAI_CLIP_STD)[:, None, None]
     return ((pixel_values + 1) / 2 - mean) / std
 
 
